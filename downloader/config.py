@@ -1,0 +1,198 @@
+"""Configuration: one pydantic model, validated once at start-up, overridable from the environment."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from downloader.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "Config", "load_config"]
+
+ENV_PREFIX = "DOWNLOADER__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisConfig(_Section):
+    addr: str | None = None
+    """`host:port`; with `sentinel`, a comma-separated list of sentinels. Unset: `run` embeds Redis."""
+    sentinel: bool = False
+    master_name: str = "mymaster"
+    db: int = Field(0, ge=0)
+    password: str | None = None
+    key_prefix: str = Field("dl", min_length=1)
+    embedded_dir: str = "var/redis"
+
+
+class ApiConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    heartbeat_path: str = "/tmp/disable-downloader"
+    max_body_bytes: int = Field(64 * 1024, gt=0)
+    tokens: list[str] = []
+
+
+class ProcessorConfig(_Section):
+    storage_dir: str = "var/files"
+    filestorage: Literal["filesystem"] = "filesystem"
+    request_headers: dict[str, str] = {}
+    download_url: str = "http://localhost:8000/files"
+    stats_interval: int = Field(5000, gt=0, description="milliseconds")
+    retry_backoff_seconds: float = Field(30.0, ge=0)
+    retry_backoff_cap_seconds: float = Field(3600.0, ge=0)
+    max_retries: int = Field(2, ge=0)
+    max_download_bytes: int = Field(2 * 1024**3, gt=0)
+    download_timeout_seconds: float = Field(3600.0, gt=0)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    max_workers: int = Field(256, gt=0)
+    lease_ms: int = Field(30_000, ge=100)
+    rescan_interval_ms: int = Field(5_000, ge=10)
+    disk_pause_percent: float = Field(95.0, gt=0, le=100)
+    disk_resume_percent: float = Field(90.0, gt=0, le=100)
+    disk_check_interval_ms: int = Field(5_000, ge=10)
+    metrics_port: int = Field(0, ge=0, le=65535)
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _resume_below_pause(self) -> ProcessorConfig:
+        if self.disk_resume_percent > self.disk_pause_percent:
+            raise ValueError("disk_resume_percent must not exceed disk_pause_percent")
+        return self
+
+
+class NotifierConfig(_Section):
+    concurrency: int = Field(10, gt=0)
+    stats_interval: int = Field(5000, gt=0, description="milliseconds")
+    deletion_interval: float = Field(60.0, ge=0, description="minutes")
+    retry_schedule_seconds: list[float] = [10.0, 60.0, 300.0, 1800.0]
+    claim_idle_ms: int = Field(120_000, ge=100)
+    metrics_port: int = Field(0, ge=0, le=65535)
+    signing_secret: str | None = None
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+
+    @field_validator("retry_schedule_seconds")
+    @classmethod
+    def _non_negative(cls, v: list[float]) -> list[float]:
+        if any(x < 0 for x in v):
+            raise ValueError("every delay must be >= 0")
+        return v
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _whsec(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("whsec_"):
+            raise ValueError("must look like whsec_<base64>")
+        return v
+
+
+class HttpBackendConfig(_Section):
+    timeout: float = Field(60.0, gt=0, description="seconds")
+
+
+class BackendsConfig(_Section):
+    http: HttpBackendConfig | None = None
+    kafka: dict[str, Any] | None = None
+
+
+class SecurityConfig(_Section):
+    allow_private_networks: bool = False
+    allowed_networks: list[str] = []
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a CIDR network") from exc
+        return v
+
+
+class LogConfig(_Section):
+    format: Literal["json", "console"] = "console"
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class EventsConfig(_Section):
+    retention_hours: float = Field(72.0, gt=0)
+    """How long a settled job (callback done, file gone) keeps its projection and events."""
+    stream_maxlen: int = Field(1_000_000, gt=0)
+    """Approximate cap on the global event stream, the feed for exports."""
+    kafka_topic: str | None = None
+
+
+class Config(_Section):
+    redis: RedisConfig = RedisConfig()
+    api: ApiConfig = ApiConfig()
+    processor: ProcessorConfig = ProcessorConfig()
+    notifier: NotifierConfig = NotifierConfig()
+    backends: BackendsConfig = BackendsConfig()
+    security: SecurityConfig = SecurityConfig()
+    log: LogConfig = LogConfig()
+    events: EventsConfig = EventsConfig()
+
+
+def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
+    """`DOWNLOADER__SECTION__KEY=value` sets `section.key`; a value that parses as JSON is JSON."""
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            parsed = value
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = parsed
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
+    """Read `path` (missing file: defaults), apply env overrides, validate. Raises ConfigError."""
+    environ = dict(os.environ) if environ is None else environ
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "defaults"
+    if path is not None and Path(path).exists():
+        try:
+            loaded = json.loads(Path(path).read_text())
+        except ValueError as exc:
+            raise ConfigError(f"invalid configuration in {source}: not JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"invalid configuration in {source}: the top level must be an object")
+        raw = loaded
+    elif path is not None and Path(path).name != "config.json":
+        raise ConfigError(f"configuration file {source} does not exist")
+    _apply_env(raw, environ)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc

@@ -1,0 +1,202 @@
+"""Request and response models of the HTTP API, with every validation rule of POST /download."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from downloader.errors import ValidationFailed
+from downloader.mime import MimePattern
+
+__all__ = ["DownloadRequest", "parse_download_request"]
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_http_url(value: str) -> str:
+    """Raise ValueError (a predicate phrase: "must be ...") unless `value` is an absolute http(s) URL."""
+    if len(value) > 8192:
+        raise ValueError("must be at most 8192 characters long")
+    if _CONTROL.search(value) or " " in value:
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"must be a valid URL ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http or https URL")
+    return value
+
+
+class DownloadRequest(BaseModel):
+    """The body of POST /download. Types are strict: "10" is not an int, "yes" is not a bool."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    aggr_id: str = Field(min_length=1, max_length=256)
+    aggr_limit: int = Field(gt=0, le=10_000)
+    aggr_proxy: str | None = None
+    url: str
+    callback_type: Literal["http", "kafka"] | None = None
+    callback_dst: str | None = None
+    callback_url: str | None = None
+    extra: str = ""
+    mime_type: str = ""
+    max_retries: int | None = Field(None, ge=0, le=100)
+    extract_image_size: bool = False
+    download_timeout: int | None = Field(None, gt=0, le=86_400)
+    request_headers: dict[str, str | int] = {}
+    s3_bucket: str | None = None
+    s3_region: str | None = None
+
+    @field_validator("aggr_id")
+    @classmethod
+    def _aggr_id(cls, v: str) -> str:
+        if _CONTROL.search(v) or not v.strip():
+            raise ValueError("must be a non-empty string without control characters")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_http_url(v)
+
+    @field_validator("aggr_proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        assert v is not None
+        return _check_http_url(v)
+
+    @field_validator("mime_type")
+    @classmethod
+    def _mime(cls, v: str) -> str:
+        if v.strip():
+            MimePattern.parse(v)
+        return v.strip()
+
+    @field_validator("request_headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str | int]) -> dict[str, str | int]:
+        if len(v) > 100:
+            raise ValueError("must have at most 100 headers")
+        for name, value in v.items():
+            if not _TOKEN.match(name):
+                raise ValueError(f"must have valid header names, not {name!r}")
+            if isinstance(value, str) and _CONTROL.search(value.replace("\t", "")):
+                raise ValueError(f"must not have control characters in the value of {name!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _callback_and_bucket(self) -> DownloadRequest:
+        if self.callback_url is not None:
+            if self.callback_type is not None or self.callback_dst is not None:
+                raise ValidationFailed(
+                    "callback_url", "callback_url cannot be combined with callback_type/callback_dst"
+                )
+            _wrap("callback_url", self.callback_url)
+        elif self.callback_type is not None or self.callback_dst is not None:
+            if self.callback_type is None:
+                raise ValidationFailed("callback_type", "callback_type is required with callback_dst")
+            if not self.callback_dst:
+                raise ValidationFailed("callback_dst", "callback_dst is required with callback_type")
+            if self.callback_type == "http":
+                _wrap("callback_dst", self.callback_dst)
+            elif not _TOPIC.match(self.callback_dst):
+                raise ValidationFailed(
+                    "callback_dst", "callback_dst must be a Kafka topic name ([A-Za-z0-9._-], 1-249)"
+                )
+        if (self.s3_bucket is None) != (self.s3_region is None):
+            field = "s3_region" if self.s3_region is None else "s3_bucket"
+            raise ValidationFailed(field, "s3_bucket and s3_region must be given together")
+        if self.s3_bucket is not None:
+            raise ValidationFailed("s3_bucket", "s3_bucket: S3 storage is not enabled on this service")
+        if self.callback_kind is None:
+            raise ValidationFailed(
+                "callback_url", "a callback is required: give callback_url or callback_type and callback_dst"
+            )
+        return self
+
+    @property
+    def callback_kind(self) -> str | None:
+        return "http" if self.callback_url is not None else self.callback_type
+
+    @property
+    def callback_target(self) -> str:
+        return self.callback_url if self.callback_url is not None else (self.callback_dst or "")
+
+    def job_fields(self, default_max_retries: int) -> dict[str, Any]:
+        """The request as stored in the job.accepted event (legacy callback_url normalised)."""
+        return {
+            "aggr_id": self.aggr_id,
+            "aggr_limit": self.aggr_limit,
+            "aggr_proxy": self.aggr_proxy or "",
+            "url": self.url,
+            "callback_type": self.callback_kind or "",
+            "callback_dst": self.callback_target,
+            "extra": self.extra,
+            "mime_type": self.mime_type,
+            "max_retries": default_max_retries if self.max_retries is None else self.max_retries,
+            "extract_image_size": self.extract_image_size,
+            "download_timeout": self.download_timeout or 0,
+            "request_headers": {k: str(v) for k, v in self.request_headers.items()},
+        }
+
+
+def _wrap(field: str, url: str) -> None:
+    try:
+        _check_http_url(url)
+    except ValueError as exc:
+        raise ValidationFailed(field, f"{field} {exc}") from exc
+
+
+_TYPE_WORDS = {
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "bool_type": "must be a boolean (true or false)",
+    "dict_type": "must be an object",
+    "missing": "is required",
+    "extra_forbidden": "is not a known field",
+    "literal_error": "must be one of: http, kafka",
+}
+
+
+def parse_download_request(body: Any) -> DownloadRequest:
+    """Validate a decoded JSON body; raises ValidationFailed naming the first bad field."""
+    if not isinstance(body, dict):
+        raise ValidationFailed("body", "the body must be a JSON object")
+    try:
+        return DownloadRequest.model_validate(body)
+    except ValidationFailed:
+        raise
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        field = loc[0] if loc else "body"
+        if err["type"] in ("value_error", "assertion_error") and isinstance(
+            (ctx := err.get("ctx", {})).get("error"), ValidationFailed
+        ):
+            inner: ValidationFailed = ctx["error"]
+            raise ValidationFailed(inner.field, str(inner)) from None
+        if field == "request_headers" and len(loc) > 1:
+            raise ValidationFailed(
+                field, f"request_headers[{loc[1]!r}] must be a string or an integer"
+            ) from None
+        words = _TYPE_WORDS.get(err["type"]) or _predicate(err["msg"])
+        raise ValidationFailed(field, f"{field} {words}") from None
+
+
+def _predicate(msg: str) -> str:
+    """Turn pydantic's "Input should be > 0" into "must be > 0"; keep our own phrases."""
+    msg = msg.removeprefix("Value error, ")
+    for prefix in ("Input should", "String should", "Dictionary should", "List should"):
+        if msg.startswith(prefix):
+            return "must" + msg[len(prefix) :]
+    return msg if msg.startswith("must") else f"is invalid: {msg}"

@@ -1,0 +1,20 @@
+-- callback_end.lua: record the result of one delivery attempt and settle its stream entry.
+-- ARGV: job_id, outcome ('delivered' | 'retry' | 'failed'), event data (JSON), stream entry id,
+--   group, delay_ms (retry wait, or file deletion delay on 'delivered'; -1: keep the file)
+-- Keys touched: job:{id} + events (callback.delivered | callback.retry_scheduled |
+--   callback.failed), callbacks (XACK + XDEL of the entry), callback-retries (zset job -> due
+--   ms), reap (zset job -> when its file is deleted).
+-- Returns: the event id.
+local job_id, outcome, data, entry, group, delay = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local event_id = emit(job_id, 'callback.' .. (outcome == 'retry' and 'retry_scheduled' or outcome), data)
+if outcome == 'retry' then
+  redis.call('ZADD', KEY.callback_retries, now_ms() + delay, job_id)
+elseif outcome == 'delivered' and delay >= 0
+    and redis.call('HGET', KEY.job(job_id), 'file_state') == 'stored' then
+  redis.call('ZADD', KEY.reap, now_ms() + delay, job_id)
+end
+if entry ~= '' then
+  redis.call('XACK', KEY.callbacks, group, entry)
+  redis.call('XDEL', KEY.callbacks, entry)
+end
+return event_id

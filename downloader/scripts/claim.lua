@@ -1,0 +1,34 @@
+-- claim.lua: take up to `count` ready jobs of one aggregation, within its global limit.
+-- ARGV: aggr_id, owner (processor instance token), lease_ms, count
+-- Keys touched: aggr:{a} (limit, proxy), aggr:{a}:ready (LPOP), aggr:{a}:inflight (set, SADD),
+--   leases (zset job -> lease expiry ms), lease-owners (hash job -> owner), aggregations,
+--   job:{id} + job:{id}:events + events (download.started).
+-- Returns: {proxy, ready_left, free_slots, job1_fields, job2_fields, ...} where each job is the
+--   flat HGETALL of its projection after download.started.
+local aggr_id, owner, lease_ms, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local aggr_key, ready, inflight = KEY.aggr(aggr_id), KEY.ready(aggr_id), KEY.inflight(aggr_id)
+
+local settings = redis.call('HMGET', aggr_key, 'limit', 'proxy')
+if not settings[1] then return {'', 0, 0} end
+local free = tonumber(settings[1]) - redis.call('SCARD', inflight)
+local out = {settings[2] or '', 0, 0}
+local expiry = now_ms() + lease_ms
+while free > 0 and count > 0 do
+  local job_id = redis.call('LPOP', ready)
+  if not job_id then break end
+  local job_key = KEY.job(job_id)
+  if redis.call('EXISTS', job_key) == 1 then
+    redis.call('SADD', inflight, job_id)
+    redis.call('ZADD', KEY.leases, expiry, job_id)
+    redis.call('HSET', KEY.lease_owners, job_id, owner)
+    local attempt = tonumber(redis.call('HGET', job_key, 'download_attempts') or '0') + 1
+    emit(job_id, 'download.started', cjson.encode({attempt = attempt}))
+    out[#out + 1] = redis.call('HGETALL', job_key)
+    free = free - 1
+    count = count - 1
+  end
+end
+out[2] = redis.call('LLEN', ready)
+out[3] = free
+touch_registry(aggr_id)
+return out

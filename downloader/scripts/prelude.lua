@@ -1,0 +1,168 @@
+-- prelude.lua: shared by every script (storage.py puts it in front of each one).
+--
+-- The last two ARGV of every script are fixed by storage.py:
+--   ARGV[#ARGV-1]  key template, e.g. "dl:%s" (the only way a script builds a key name; the
+--                  names themselves come from storage.Keys, mirrored in KEY below)
+--   ARGV[#ARGV]    JSON settings: {"retention_ms": ..., "events_maxlen": ...}
+-- The global event stream is KEYS[1] of every script that emits events.
+
+local TEMPLATE = ARGV[#ARGV - 1]
+local SETTINGS = cjson.decode(ARGV[#ARGV])
+
+-- Key builders: must match storage.Keys one for one.
+local KEY = {}
+function KEY.job(id) return string.format(TEMPLATE, 'job:{' .. id .. '}') end
+function KEY.job_events(id) return string.format(TEMPLATE, 'job:{' .. id .. '}:events') end
+function KEY.aggr(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}') end
+function KEY.ready(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:ready') end
+function KEY.inflight(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:inflight') end
+KEY.events = string.format(TEMPLATE, 'events')
+KEY.aggregations = string.format(TEMPLATE, 'aggregations')
+KEY.wake = string.format(TEMPLATE, 'wake')
+KEY.leases = string.format(TEMPLATE, 'leases')
+KEY.lease_owners = string.format(TEMPLATE, 'lease-owners')
+KEY.retries = string.format(TEMPLATE, 'retries')
+KEY.callbacks = string.format(TEMPLATE, 'callbacks')
+KEY.callback_retries = string.format(TEMPLATE, 'callback-retries')
+KEY.reap = string.format(TEMPLATE, 'reap')
+
+local NOW
+local function now_ms()
+  if not NOW then
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return NOW
+end
+
+local function str(v)
+  if v == true then return 'true' end
+  if v == false then return 'false' end
+  if type(v) == 'table' then return cjson.encode(v) end
+  if type(v) == 'number' then return string.format('%d', v) end
+  return tostring(v)
+end
+
+-- The fold: how one event changes a job's projection. Pure: it reads only the event, so
+-- replaying a job's events (rebuild.lua) gives back exactly the live projection.
+local function fold(job_id, etype, ts, event_id, d)
+  local f = {updated_at = ts, last_event_id = event_id}
+  if etype == 'job.accepted' then
+    for k, v in pairs(d) do f[k] = v end
+    f.id = job_id
+    f.created_at = ts
+    f.download_state = 'Pending'
+    f.callback_state = 'Pending'
+    f.download_attempts = 0
+    f.callback_attempts = 0
+    f.response_code = 0
+    f.error = ''
+    f.delivery_error = ''
+    f.download_url = ''
+    f.file_mime_type = ''
+    f.file_bytes = 0
+    f.image_size = ''
+    f.file_state = 'none'
+  elseif etype == 'download.started' then
+    f.download_state = 'InProgress'
+    f.download_attempts = d.attempt
+  elseif etype == 'download.requeued' then
+    f.download_state = 'Pending'
+    f.download_attempts = d.attempt - 1
+  elseif etype == 'download.retry_scheduled' then
+    f.download_state = 'Pending'
+    f.response_code = d.response_code
+    f.error = d.error
+  elseif etype == 'download.succeeded' then
+    f.download_state = 'Success'
+    f.response_code = d.response_code
+    f.error = ''
+    f.download_url = d.download_url
+    f.file_mime_type = d.file_mime_type
+    f.file_bytes = d.file_bytes
+    f.image_size = d.image_size
+    f.file_state = 'stored'
+  elseif etype == 'download.failed' then
+    f.download_state = 'Failed'
+    f.response_code = d.response_code
+    f.error = d.error
+    f.file_mime_type = d.file_mime_type or ''
+  elseif etype == 'callback.attempted' then
+    f.callback_state = 'InProgress'
+    f.callback_attempts = d.attempt
+  elseif etype == 'callback.retry_scheduled' then
+    f.callback_state = 'Pending'
+    f.delivery_error = d.delivery_error
+  elseif etype == 'callback.delivered' then
+    f.callback_state = 'Success'
+    f.delivery_error = ''
+  elseif etype == 'callback.failed' then
+    f.callback_state = 'Failed'
+    f.delivery_error = d.delivery_error
+  elseif etype == 'callback.requeued' then
+    f.callback_state = 'Pending'
+    f.callback_attempts = 0
+  elseif etype == 'file.deleted' then
+    f.file_state = 'deleted'
+  end
+  local flat = {}
+  for k, v in pairs(f) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = str(v)
+  end
+  return flat
+end
+
+-- A job is settled when nothing more will happen to it unless someone asks: its keys then
+-- expire after the retention period (a later event, e.g. a /retry, makes them persist again).
+local function settled(job_key)
+  local s = redis.call('HMGET', job_key, 'callback_state', 'file_state')
+  if s[1] == 'Failed' then return true end
+  return s[1] == 'Success' and s[2] ~= 'stored'
+end
+
+-- Append one event to the job's stream and the global stream, and fold it into the projection.
+-- `data_json` is the event's data as JSON text (kept verbatim); returns the event id.
+local function emit(job_id, etype, data_json)
+  local ts = now_ms()
+  local job_key, events_key = KEY.job(job_id), KEY.job_events(job_id)
+  local id = redis.call('XADD', KEY.events, 'MAXLEN', '~', SETTINGS.events_maxlen, '*',
+    'type', etype, 'job_id', job_id, 'ts', ts, 'v', 1, 'data', data_json)
+  local ok = redis.pcall('XADD', events_key, id, 'type', etype, 'ts', ts, 'v', 1, 'data', data_json)
+  if type(ok) == 'table' and ok.err then
+    -- only if the global stream was reset behind a clock step back: keep the job's own order
+    id = redis.call('XADD', events_key, '*', 'type', etype, 'ts', ts, 'v', 1, 'data', data_json)
+  end
+  redis.call('HSET', job_key, unpack(fold(job_id, etype, ts, id, cjson.decode(data_json))))
+  if settled(job_key) then
+    redis.call('PEXPIRE', job_key, SETTINGS.retention_ms)
+    redis.call('PEXPIRE', events_key, SETTINGS.retention_ms)
+  else
+    redis.call('PERSIST', job_key)
+    redis.call('PERSIST', events_key)
+  end
+  return id
+end
+
+-- Keep the registry score (jobs waiting in the ready queue) exact for one aggregation.
+local function touch_registry(aggr_id)
+  if redis.call('EXISTS', KEY.aggr(aggr_id)) == 1 then
+    redis.call('ZADD', KEY.aggregations, redis.call('LLEN', KEY.ready(aggr_id)), aggr_id)
+  else
+    redis.call('ZREM', KEY.aggregations, aggr_id)
+  end
+end
+
+local function wake(aggr_id)
+  redis.call('XADD', KEY.wake, 'MAXLEN', '~', 10000, '*', 'a', aggr_id)
+end
+
+-- One job of the aggregation reached its final download outcome.
+local function aggr_job_done(aggr_id)
+  local left = redis.call('HINCRBY', KEY.aggr(aggr_id), 'jobs', -1)
+  if left <= 0 and redis.call('LLEN', KEY.ready(aggr_id)) == 0
+      and redis.call('SCARD', KEY.inflight(aggr_id)) == 0 then
+    redis.call('DEL', KEY.aggr(aggr_id))
+  end
+  touch_registry(aggr_id)
+end

@@ -1,0 +1,16 @@
+-- reap.lua: two calls of the file reaper. ARGV[1] = 'due': list jobs whose file is due for
+-- deletion (ARGV[2] = limit), oldest first, without removing them; ARGV[1] = 'done': the file of
+-- job ARGV[2] is gone, record it.
+-- Keys touched: reap (zset job -> due ms), job:{id} + events (file.deleted).
+-- Returns: 'due': {ids..., ms until the next due one or -1}; 'done': 1
+if ARGV[1] == 'due' then
+  local out = redis.call('ZRANGEBYSCORE', KEY.reap, '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[2]))
+  local nxt = redis.call('ZRANGE', KEY.reap, #out, #out, 'WITHSCORES')
+  out[#out + 1] = nxt[2] and math.max(0, tonumber(nxt[2]) - now_ms()) or -1
+  return out
+end
+local job_id = ARGV[2]
+if redis.call('ZREM', KEY.reap, job_id) == 1 and redis.call('EXISTS', KEY.job(job_id)) == 1 then
+  emit(job_id, 'file.deleted', '{}')
+end
+return 1

@@ -1,0 +1,17 @@
+-- rebuild.lua: recompute one job's projection from its events alone (downloader rebuild).
+-- ARGV: job_id
+-- Keys touched: job:{id} (replaced), job:{id}:events (read).
+-- Returns: the number of events folded.
+local job_id = ARGV[1]
+local job_key, events_key = KEY.job(job_id), KEY.job_events(job_id)
+local entries = redis.call('XRANGE', events_key, '-', '+')
+if #entries == 0 then return 0 end
+local ttl = redis.call('PTTL', job_key)
+redis.call('DEL', job_key)
+for _, entry in ipairs(entries) do
+  local f = {}
+  for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
+  redis.call('HSET', job_key, unpack(fold(job_id, f.type, f.ts, entry[1], cjson.decode(f.data))))
+end
+if ttl > 0 then redis.call('PEXPIRE', job_key, ttl) end
+return #entries

@@ -1,0 +1,28 @@
+-- requeue.lua: hand jobs back to their ready queues: leases that expired (a processor died) or,
+-- with an owner, the jobs that owner gives back on shutdown.
+-- ARGV: owner ('' = every expired lease), reason, limit, job ids... (only with an owner)
+-- Keys touched: leases, lease-owners, aggr:{a}:inflight (SREM), aggr:{a}:ready (LPUSH: first
+--   in line again), aggregations, job:{id} + events (download.requeued), wake.
+-- Returns: the number of jobs handed back.
+local owner, reason, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ids = {}
+if owner == '' then
+  ids = redis.call('ZRANGEBYSCORE', KEY.leases, '-inf', now_ms(), 'LIMIT', 0, limit)
+else
+  for i = 4, #ARGV - 2 do
+    if redis.call('HGET', KEY.lease_owners, ARGV[i]) == owner then ids[#ids + 1] = ARGV[i] end
+  end
+end
+for _, job_id in ipairs(ids) do
+  local job = redis.call('HMGET', KEY.job(job_id), 'aggr_id', 'download_attempts')
+  redis.call('HDEL', KEY.lease_owners, job_id)
+  redis.call('ZREM', KEY.leases, job_id)
+  if job[1] then
+    redis.call('SREM', KEY.inflight(job[1]), job_id)
+    redis.call('LPUSH', KEY.ready(job[1]), job_id)
+    emit(job_id, 'download.requeued', cjson.encode({attempt = tonumber(job[2]), reason = reason}))
+    touch_registry(job[1])
+    wake(job[1])
+  end
+end
+return #ids

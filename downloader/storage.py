@@ -1,0 +1,372 @@
+"""The only module that talks to Redis: key names, the Lua transitions, and reads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
+
+from downloader.config import Config
+
+__all__ = ["CALLBACK_GROUP", "Claim", "Keys", "Storage", "connect"]
+
+CALLBACK_GROUP = "notifiers"
+
+
+class Keys:
+    """Every Redis key name. Lua scripts build the same names in prelude.lua (KEY.*).
+
+    Keys of one job share the hash tag `{<job id>}`, keys of one aggregation `{<aggr id>}`, so
+    a move to Redis Cluster is a matter of routing, not of renaming (see README)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.template = f"{prefix}:%s"
+
+    def _k(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    def job(self, job_id: str) -> str:
+        return self._k(f"job:{{{job_id}}}")
+
+    def job_events(self, job_id: str) -> str:
+        return self._k(f"job:{{{job_id}}}:events")
+
+    def job_pattern(self) -> str:
+        return self._k("job:{*}")
+
+    def aggr(self, aggr_id: str) -> str:
+        return self._k(f"aggr:{{{aggr_id}}}")
+
+    def ready(self, aggr_id: str) -> str:
+        return self._k(f"aggr:{{{aggr_id}}}:ready")
+
+    def inflight(self, aggr_id: str) -> str:
+        return self._k(f"aggr:{{{aggr_id}}}:inflight")
+
+    def stats(self, role: str, instance: str) -> str:
+        return self._k(f"stats:{role}:{instance}")
+
+    @property
+    def events(self) -> str:
+        return self._k("events")
+
+    @property
+    def aggregations(self) -> str:
+        return self._k("aggregations")
+
+    @property
+    def wake(self) -> str:
+        return self._k("wake")
+
+    @property
+    def leases(self) -> str:
+        return self._k("leases")
+
+    @property
+    def lease_owners(self) -> str:
+        return self._k("lease-owners")
+
+    @property
+    def retries(self) -> str:
+        return self._k("retries")
+
+    @property
+    def callbacks(self) -> str:
+        return self._k("callbacks")
+
+    @property
+    def callback_retries(self) -> str:
+        return self._k("callback-retries")
+
+    @property
+    def reap(self) -> str:
+        return self._k("reap")
+
+    @property
+    def instances(self) -> str:
+        return self._k("instances")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What claim.lua handed out: the aggregation's proxy, how many jobs still wait, how many
+    slots are still free, and the claimed jobs' projections."""
+
+    proxy: str
+    ready_left: int
+    free_slots: int
+    jobs: list[dict[str, str]]
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def connect(config: Config) -> aioredis.Redis:
+    """A client for the configured Redis (or Sentinel-managed master)."""
+    rc = config.redis
+    if not rc.addr:
+        raise ValueError("redis.addr is not set")
+    common: dict[str, Any] = {
+        "db": rc.db,
+        "password": rc.password,
+        "decode_responses": True,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+    }
+    if rc.sentinel:
+        sentinels = []
+        for addr in rc.addr.split(","):
+            host, _, port = addr.strip().rpartition(":")
+            sentinels.append((host or "127.0.0.1", int(port)))
+        return Sentinel(sentinels, **common).master_for(rc.master_name)
+    host, _, port = rc.addr.rpartition(":")
+    return aioredis.Redis(host=host or "127.0.0.1", port=int(port or 6379), **common)
+
+
+class Storage:
+    """Job transitions (each one Lua script, one round trip) and the reads the API needs."""
+
+    _SCRIPTS = (
+        "enqueue",
+        "claim",
+        "finish",
+        "requeue",
+        "renew",
+        "promote_retries",
+        "callback_begin",
+        "callback_end",
+        "callback_skip",
+        "promote_callbacks",
+        "callback_requeue",
+        "reap",
+        "rebuild",
+    )
+
+    def __init__(self, client: aioredis.Redis, config: Config) -> None:
+        self.r = client
+        self.keys = Keys(config.redis.key_prefix)
+        self._settings = json.dumps(
+            {
+                "retention_ms": int(config.events.retention_hours * 3600 * 1000),
+                "events_maxlen": config.events.stream_maxlen,
+            }
+        )
+        files = resources.files("downloader") / "scripts"
+        prelude = (files / "prelude.lua").read_text()
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(prelude + "\n" + (files / f"{name}.lua").read_text())
+            for name in self._SCRIPTS
+        }
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        return await self._scripts[name](keys=[], args=[*args, self.keys.template, self._settings])
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.r.ping())
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    async def enqueue(self, job_id: str, fields: Mapping[str, Any]) -> tuple[str, str]:
+        """Accept a job. Returns (status, detail): ('ok', event id) | ('exists', '') |
+        ('proxy_conflict', the aggregation's proxy)."""
+        res = await self._run(
+            "enqueue",
+            job_id,
+            fields["aggr_id"],
+            fields["aggr_limit"],
+            fields["aggr_proxy"],
+            json.dumps(fields, separators=(",", ":")),
+        )
+        return str(res[0]), str(res[1]) if len(res) > 1 else ""
+
+    async def get_job(self, job_id: str) -> dict[str, str] | None:
+        job: dict[str, str] = await self.r.hgetall(self.keys.job(job_id))
+        return job or None
+
+    async def get_events(self, job_id: str) -> list[tuple[str, dict[str, str]]]:
+        return list(await self.r.xrange(self.keys.job_events(job_id)))
+
+    async def rebuild(self, job_id: str) -> int:
+        return int(await self._run("rebuild", job_id))
+
+    async def scan_job_ids(self, count: int = 1000) -> list[str]:
+        """Every job id (SCAN: for the rebuild command, never on a request path)."""
+        prefix = self.keys.job("")[:-2]
+        ids = []
+        async for key in self.r.scan_iter(match=self.keys.job_pattern(), count=count):
+            if key.endswith("}"):
+                ids.append(key[len(prefix) + 1 : -1])
+        return ids
+
+    # -- processor ----------------------------------------------------------------------------
+
+    async def claim(self, aggr_id: str, owner: str, lease_ms: int, count: int) -> Claim:
+        res = await self._run("claim", aggr_id, owner, lease_ms, count)
+        return Claim(str(res[0]), int(res[1]), int(res[2]), [_pairs(j) for j in res[3:]])
+
+    async def finish(
+        self, job_id: str, owner: str, outcome: str, data: Mapping[str, Any], retry_in_ms: int = 0
+    ) -> bool:
+        """Record a download outcome ('succeeded' | 'failed' | 'retry'); False if the lease was lost."""
+        res = await self._run("finish", job_id, owner, outcome, json.dumps(data), retry_in_ms)
+        return bool(res[0] == "ok")
+
+    async def renew(self, owner: str, lease_ms: int, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        return list(await self._run("renew", owner, lease_ms, *job_ids))
+
+    async def requeue_expired(self, limit: int = 100) -> int:
+        return int(await self._run("requeue", "", "lease expired", limit))
+
+    async def release(self, owner: str, job_ids: Sequence[str], reason: str = "shutdown") -> int:
+        if not job_ids:
+            return 0
+        return int(await self._run("requeue", owner, reason, len(job_ids), *job_ids))
+
+    async def promote_retries(self, limit: int = 500) -> tuple[int, int]:
+        """Move due download retries to their queues: (moved, ms until the next one or -1)."""
+        moved, next_ms = await self._run("promote_retries", limit)
+        return int(moved), int(next_ms)
+
+    async def wake_position(self) -> str:
+        last = await self.r.xrevrange(self.keys.wake, count=1)
+        return str(last[0][0]) if last else "0-0"
+
+    async def read_wakes(self, after: str, block_ms: int) -> tuple[str, set[str]]:
+        """Block until an aggregation may have work; returns (new position, aggregation ids)."""
+        res = await self.r.xread({self.keys.wake: after}, count=1000, block=block_ms)
+        aggrs: set[str] = set()
+        for _stream, entries in res or []:
+            for entry_id, fields in entries:
+                after = entry_id
+                aggrs.add(fields["a"])
+        return after, aggrs
+
+    async def pending_aggregations(self, limit: int = 100_000) -> list[tuple[str, int]]:
+        """Aggregations with jobs in their ready queue, from the registry (no key scan)."""
+        rows = await self.r.zrevrangebyscore(
+            self.keys.aggregations, "+inf", 1, start=0, num=limit, withscores=True
+        )
+        return [(str(name), int(size)) for name, size in rows]
+
+    async def aggregation_details(self, aggr_ids: Sequence[str]) -> list[dict[str, Any]]:
+        async with self.r.pipeline(transaction=False) as p:
+            for a in aggr_ids:
+                p.hgetall(self.keys.aggr(a))
+                p.scard(self.keys.inflight(a))
+            res = await p.execute()
+        return [
+            {
+                "aggr_id": a,
+                "limit": int(res[2 * i].get("limit", 0)),
+                "jobs": int(res[2 * i].get("jobs", 0)),
+                "inflight": int(res[2 * i + 1]),
+            }
+            for i, a in enumerate(aggr_ids)
+        ]
+
+    async def reap_due(self, limit: int = 100) -> tuple[list[str], int]:
+        res = await self._run("reap", "due", limit)
+        return [str(x) for x in res[:-1]], int(res[-1])
+
+    async def reap_done(self, job_id: str) -> None:
+        await self._run("reap", "done", job_id)
+
+    # -- notifier -----------------------------------------------------------------------------
+
+    async def ensure_callback_group(self) -> None:
+        try:
+            await self.r.xgroup_create(self.keys.callbacks, CALLBACK_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read_callbacks(
+        self, consumer: str, count: int, block_ms: int
+    ) -> list[tuple[str, str]]:
+        """New callback entries for this consumer: [(entry id, job id)]."""
+        res = await self.r.xreadgroup(
+            CALLBACK_GROUP, consumer, {self.keys.callbacks: ">"}, count=count, block=block_ms
+        )
+        return [(eid, f["job_id"]) for _s, entries in res or [] for eid, f in entries]
+
+    async def reclaim_callbacks(
+        self, consumer: str, min_idle_ms: int, count: int
+    ) -> list[tuple[str, str]]:
+        """Entries another consumer took and did not settle within min_idle_ms (it died)."""
+        res = await self.r.xautoclaim(
+            self.keys.callbacks, CALLBACK_GROUP, consumer, min_idle_ms, "0-0", count=count
+        )
+        entries = res[1]  # 6.2 answers 2 elements, 7.x 3: the entries are second in both
+        return [(eid, f["job_id"]) for eid, f in entries if f]
+
+    async def callback_begin(self, job_id: str) -> dict[str, str]:
+        return _pairs(await self._run("callback_begin", job_id))
+
+    async def callback_end(
+        self, job_id: str, outcome: str, data: Mapping[str, Any], entry_id: str, delay_ms: int
+    ) -> str:
+        return str(
+            await self._run(
+                "callback_end", job_id, outcome, json.dumps(data), entry_id, CALLBACK_GROUP, delay_ms
+            )
+        )
+
+    async def callback_skip(self, entry_id: str) -> None:
+        await self._run("callback_skip", entry_id, CALLBACK_GROUP)
+
+    async def promote_callbacks(self, limit: int = 500) -> tuple[int, int]:
+        moved, next_ms = await self._run("promote_callbacks", limit)
+        return int(moved), int(next_ms)
+
+    async def requeue_callback(self, job_id: str) -> tuple[str, str]:
+        res = await self._run("callback_requeue", job_id)
+        return str(res[0]), str(res[1]) if len(res) > 1 else ""
+
+    # -- instances and stats ------------------------------------------------------------------
+
+    async def publish_stats(
+        self, role: str, instance: str, stats: Mapping[str, int], ttl_ms: int
+    ) -> None:
+        key = self.keys.stats(role, instance)
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(key)
+            if stats:
+                p.hset(key, mapping=dict(stats))
+            p.pexpire(key, ttl_ms)
+            p.zadd(self.keys.instances, {f"{role}:{instance}": ttl_ms})
+            await p.execute()
+
+    async def read_stats(self, role: str) -> list[dict[str, str]]:
+        members = await self.r.zrange(self.keys.instances, 0, -1)
+        wanted = [m.split(":", 1)[1] for m in members if m.startswith(f"{role}:")]
+        async with self.r.pipeline(transaction=False) as p:
+            for inst in wanted:
+                p.hgetall(self.keys.stats(role, inst))
+            res = await p.execute()
+        dead = [f"{role}:{inst}" for inst, h in zip(wanted, res, strict=True) if not h]
+        if dead:
+            await self.r.zrem(self.keys.instances, *dead)
+        return [h for h in res if h]
+
+    async def live_instances(self) -> list[str]:
+        members = await self.r.zrange(self.keys.instances, 0, -1)
+        async with self.r.pipeline(transaction=False) as p:
+            for m in members:
+                role, inst = m.split(":", 1)
+                p.exists(self.keys.stats(role, inst))
+            alive = await p.execute()
+        return [m for m, ok in zip(members, alive, strict=True) if ok]
