@@ -63,6 +63,7 @@ local function fold(job_id, etype, ts, event_id, d)
     f.file_bytes = 0
     f.image_size = ''
     f.file_state = 'none'
+    f.outcome_event_id = ''
   elseif etype == 'download.started' then
     f.download_state = 'InProgress'
     f.download_attempts = d.attempt
@@ -75,6 +76,7 @@ local function fold(job_id, etype, ts, event_id, d)
     f.error = d.error
   elseif etype == 'download.succeeded' then
     f.download_state = 'Success'
+    f.outcome_event_id = event_id
     f.response_code = d.response_code
     f.error = ''
     f.download_url = d.download_url
@@ -84,6 +86,7 @@ local function fold(job_id, etype, ts, event_id, d)
     f.file_state = 'stored'
   elseif etype == 'download.failed' then
     f.download_state = 'Failed'
+    f.outcome_event_id = event_id
     f.response_code = d.response_code
     f.error = d.error
     f.file_mime_type = d.file_mime_type or ''

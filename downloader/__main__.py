@@ -1,0 +1,5 @@
+import sys
+
+from downloader.cli import main
+
+sys.exit(main())

@@ -1,0 +1,240 @@
+"""The HTTP API (aiohttp): submit jobs, read their state and events, operate the service."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from downloader import metrics
+from downloader.config import Config
+from downloader.errors import ValidationFailed
+from downloader.events import parse_event
+from downloader.ids import is_job_id, new_job_id
+from downloader.log import get_logger
+from downloader.models import parse_download_request
+from downloader.resilience import REDIS_DOWN
+from downloader.storage import Storage
+
+__all__ = ["STORAGE", "build_app", "render_job"]
+
+log = get_logger(__name__)
+
+STORAGE = web.AppKey("storage", Storage)
+CONFIG = web.AppKey("config", Config)
+
+_INT_FIELDS = (
+    "aggr_limit",
+    "max_retries",
+    "download_timeout",
+    "download_attempts",
+    "callback_attempts",
+    "response_code",
+    "file_bytes",
+)
+_MAX_FIELDS = {"maxWorkerPools", "maxWorkers"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _iso(ms: str) -> str:
+    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def render_job(job: dict[str, str]) -> dict[str, Any]:
+    """A projection as typed JSON (Redis keeps every field as a string)."""
+    out: dict[str, Any] = dict(job)
+    for k in _INT_FIELDS:
+        if k in out:
+            out[k] = int(out[k] or 0)
+    out["extract_image_size"] = out.get("extract_image_size") == "true"
+    out["request_headers"] = json.loads(out.get("request_headers") or "{}")
+    for k in ("created_at", "updated_at"):
+        if out.get(k):
+            out[k] = _iso(out[k])
+    return out
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is JSON that says what went wrong; no input makes a 5xx with a traceback."""
+    try:
+        return await handler(request)
+    except ValidationFailed as exc:
+        return _error(exc.status, str(exc), field=exc.field)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].api.max_body_bytes
+        return _error(413, f"the body is larger than {limit} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason)
+    except REDIS_DOWN as exc:
+        log.warning("redis unavailable", path=request.path, error=str(exc))
+        resp = _error(503, "storage is unavailable, retry shortly")
+        resp.headers["Retry-After"] = "1"
+        return resp
+    except Exception:
+        log.exception("unhandled error", path=request.path)
+        return _error(500, "internal error")
+
+
+def auth_middleware(tokens: list[str]) -> Any:
+    allowed = {f"Bearer {t}" for t in tokens}
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/hb" and request.headers.get("Authorization") not in allowed:
+            return _error(401, "a valid bearer token is required (Authorization: Bearer <token>)")
+        return await handler(request)
+
+    return check
+
+
+async def post_download(request: web.Request) -> web.Response:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationFailed("body", f"the body is not valid JSON ({exc})") from None
+    req = parse_download_request(body)
+    config = request.app[CONFIG]
+    fields = req.job_fields(config.processor.max_retries)
+    while True:
+        job_id = new_job_id()
+        status, detail = await request.app[STORAGE].enqueue(job_id, fields)
+        if status == "ok":
+            break
+        if status == "proxy_conflict":
+            raise ValidationFailed(
+                "aggr_proxy",
+                f"aggr_proxy differs from the proxy of the existing aggregation {req.aggr_id!r} "
+                f"({detail or 'none'}); it is fixed while the aggregation has jobs",
+                status=409,
+            )
+    metrics.JOBS_ACCEPTED.inc()
+    return web.json_response({"id": job_id}, status=201)
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    if os.path.exists(request.app[CONFIG].api.heartbeat_path):
+        return web.Response(status=503, text="disabled")
+    return web.Response(text="OK")
+
+
+async def retry_callback(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    if not is_job_id(job_id):
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    status, state = await request.app[STORAGE].requeue_callback(job_id)
+    if status == "unknown":
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    if status == "not_failed":
+        return _error(409, f"the callback of job {job_id} has not failed (it is {state})", field="job_id")
+    return web.json_response({"id": job_id, "callback_state": "Pending"}, status=201)
+
+
+async def aggregations(request: web.Request) -> web.Response:
+    rows = await request.app[STORAGE].pending_aggregations()
+    return web.json_response([{"name": f"jobs:{name}", "size": size} for name, size in rows])
+
+
+async def aggregation_details(request: web.Request) -> web.Response:
+    storage = request.app[STORAGE]
+    rows = await storage.pending_aggregations(limit=200)
+    details = await storage.aggregation_details([name for name, _ in rows])
+    for d, (_name, size) in zip(details, rows, strict=True):
+        d["pending"] = size
+    return web.json_response(details)
+
+
+def _sum_stats(rows: list[dict[str, str]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for row in rows:
+        for k, v in row.items():
+            n = int(v)
+            total[k] = max(total.get(k, 0), n) if k in _MAX_FIELDS else total.get(k, 0) + n
+    return total
+
+
+async def processor_stats(request: web.Request) -> web.Response:
+    rows = await request.app[STORAGE].read_stats("processor")
+    base = dict.fromkeys(
+        ("workerPools", "spawnedWorkerPools", "maxWorkerPools", "workers", "spawnedWorkers", "maxWorkers", "failures"), 0
+    )
+    return web.json_response({**base, **_sum_stats(rows), "instances": len(rows)})
+
+
+async def notifier_stats(request: web.Request) -> web.Response:
+    rows = await request.app[STORAGE].read_stats("notifier")
+    base = {"successfulCallbacks": 0, "failedCallbacks": 0}
+    return web.json_response({**base, **_sum_stats(rows), "instances": len(rows)})
+
+
+async def instances(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[STORAGE].live_instances())
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    job = await request.app[STORAGE].get_job(job_id) if is_job_id(job_id) else None
+    if job is None:
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    return web.json_response(render_job(job))
+
+
+async def get_events(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    storage = request.app[STORAGE]
+    entries = await storage.get_events(job_id) if is_job_id(job_id) else []
+    if not entries:
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    return web.json_response({"events": [parse_event(eid, f, job_id).as_json() for eid, f in entries]})
+
+
+async def prometheus(_request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def dashboard(_request: web.Request) -> web.Response:
+    page = (resources.files("downloader") / "static" / "dashboard.html").read_text()
+    return web.Response(text=page, content_type="text/html")
+
+
+def build_app(config: Config, storage: Storage, serve_files: bool = False) -> web.Application:
+    """The aiohttp application; `storage` is owned (closed) by the caller."""
+    middlewares = [errors_middleware]
+    if config.api.tokens:
+        middlewares.append(auth_middleware(config.api.tokens))
+    app = web.Application(client_max_size=config.api.max_body_bytes, middlewares=middlewares)
+    app[STORAGE] = storage
+    app[CONFIG] = config
+    app.router.add_post("/download", post_download)
+    app.router.add_get("/hb", heartbeat)
+    app.router.add_post("/retry/{job_id}", retry_callback)
+    app.router.add_get("/dashboard/aggregations", aggregations)
+    app.router.add_get("/dashboard/aggregations/details", aggregation_details)
+    app.router.add_get("/dashboard/instances", instances)
+    app.router.add_get("/stats/processor", processor_stats)
+    app.router.add_get("/stats/notifier", notifier_stats)
+    app.router.add_get("/jobs/{job_id}", get_job)
+    app.router.add_get("/jobs/{job_id}/events", get_events)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/", dashboard)
+    if serve_files:
+        root = Path(config.processor.storage_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        app.router.add_static("/files/", root, show_index=False, follow_symlinks=False)
+    return app

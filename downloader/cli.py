@@ -1,0 +1,168 @@
+"""`downloader api|processor|notifier|run|rebuild`: one process, one or all roles."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import start_http_server
+
+from downloader.api import build_app
+from downloader.backends import Backend
+from downloader.backends.http import HttpBackend
+from downloader.config import Config, load_config
+from downloader.embedded import EmbeddedRedis, reachable
+from downloader.errors import ConfigError
+from downloader.heartbeat import new_instance_id
+from downloader.log import configure_logging, get_logger
+from downloader.netguard import NetworkPolicy
+from downloader.notifier import Notifier
+from downloader.processor import Processor
+from downloader.storage import Storage, connect
+
+__all__ = ["main"]
+
+log = get_logger("downloader")
+
+
+def make_backends(config: Config) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    if config.backends.http is not None:
+        policy = NetworkPolicy(config.security.allow_private_networks, config.security.allowed_networks)
+        backends["http"] = HttpBackend(
+            config.backends.http.timeout, policy, config.notifier.signing_secret, config.notifier.concurrency
+        )
+    if config.backends.kafka is not None:
+        from downloader.backends.kafka import KafkaBackend
+
+        backends["kafka"] = KafkaBackend(config.backends.kafka)
+    return backends
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@contextlib.asynccontextmanager
+async def _storage(config: Config) -> AsyncIterator[Storage]:
+    storage = Storage(connect(config), config)
+    try:
+        yield storage
+    finally:
+        await storage.close()
+
+
+async def _serve_api(config: Config, storage: Storage, host: str, port: int, stop: asyncio.Event, serve_files: bool) -> None:
+    runner = web.AppRunner(build_app(config, storage, serve_files=serve_files), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    log.info("api listening", host=host, port=port)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _run(args: argparse.Namespace, config: Config) -> int:
+    stop = _stop_event()
+    instance = new_instance_id()
+    roles = {"api", "processor", "notifier"} if args.command == "run" else {args.command}
+    if "notifier" in roles and not make_backends(config):
+        print("error: the notifier needs a backend: set backends.http and/or backends.kafka", file=sys.stderr)
+        return 2
+    if args.command != "run" or "api" not in roles:
+        for role in roles - {"api"}:
+            port = getattr(config, role).metrics_port
+            if port:
+                start_http_server(port)
+    async with _storage(config) as storage:
+        tasks = []
+        if "api" in roles:
+            tasks.append(_serve_api(config, storage, args.host or config.api.host, args.port or config.api.port, stop, config.api.serve_files))
+        if "processor" in roles:
+            tasks.append(Processor(config, storage, instance).run(stop))
+        if "notifier" in roles:
+            tasks.append(Notifier(config, storage, instance, make_backends(config)).run(stop))
+        await asyncio.gather(*tasks)
+    return 0
+
+
+async def _rebuild(config: Config) -> int:
+    async with _storage(config) as storage:
+        ids = await storage.scan_job_ids()
+        events = 0
+        for job_id in ids:
+            events += await storage.rebuild(job_id)
+    print(f"rebuilt {len(ids)} jobs from {events} events")
+    return 0
+
+
+def _embed_if_needed(config: Config) -> tuple[Config, EmbeddedRedis | None]:
+    """`run` with no Redis configured, or a local one that is down: start one ourselves."""
+    addr = config.redis.addr
+    if config.redis.sentinel:
+        return config, None
+    host, port = "127.0.0.1", 6379
+    if addr:
+        h, _, p = addr.rpartition(":")
+        host, port = h or "127.0.0.1", int(p)
+        if reachable(host, port) or host not in ("127.0.0.1", "localhost", "::1"):
+            return config, None
+    embedded = EmbeddedRedis(config.redis.embedded_dir, "127.0.0.1" if host == "localhost" else host, port)
+    embedded.start()
+    log.info("started embedded redis", addr=embedded.addr, data_dir=str(embedded.data_dir))
+    redis = config.redis.model_copy(update={"addr": embedded.addr})
+    return config.model_copy(update={"redis": redis}), embedded
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="downloader", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("api", "the HTTP API"),
+        ("processor", "download jobs"),
+        ("notifier", "deliver callbacks"),
+        ("run", "api, processor and notifier in one process (embeds Redis when none is set)"),
+        ("rebuild", "recompute every job projection from its events"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("-c", "--config", default="config.json", help="configuration file (default config.json)")
+        if name in ("api", "run"):
+            p.add_argument("--host", default=None, help="listen address (default api.host)")
+            p.add_argument("--port", type=int, default=None, help="listen port (default api.port, 8000)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log)
+    embedded = None
+    try:
+        if args.command == "run":
+            config, embedded = _embed_if_needed(config)
+        elif not config.redis.addr:
+            print("error: redis.addr is not set (only `run` embeds a Redis)", file=sys.stderr)
+            return 2
+        if args.command == "rebuild":
+            return asyncio.run(_rebuild(config))
+        return asyncio.run(_run(args, config))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Every job event type, named in the past tense; the fold that applies them is in
+scripts/prelude.lua (`fold`), so the live projection and a rebuild run the same code.
+
+Events are stored in Redis Streams as the fields `type`, `ts` (ms since the epoch, UTC), `v`
+(schema version) and `data` (JSON). The stream entry id is the event id."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "EVENT_TYPES",
+    "CallbackAttempted",
+    "CallbackDelivered",
+    "CallbackFailed",
+    "CallbackRequeued",
+    "CallbackRetryScheduled",
+    "DownloadFailed",
+    "DownloadRequeued",
+    "DownloadRetryScheduled",
+    "DownloadStarted",
+    "DownloadSucceeded",
+    "FileDeleted",
+    "JobAccepted",
+    "JobEvent",
+    "parse_event",
+]
+
+
+class JobEvent(BaseModel):
+    """Common fields of every event; subclasses add the data fields."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    type: ClassVar[str] = ""
+    v: int = 1
+    id: str = ""
+    job_id: str = ""
+    ts: datetime | None = None
+
+    def data(self) -> dict[str, Any]:
+        """The event's data: what the fold reads."""
+        return self.model_dump(exclude={"v", "id", "job_id", "ts"})
+
+    def as_json(self) -> dict[str, Any]:
+        """The public shape (GET /jobs/{id}/events, the Kafka export)."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "ts": self.ts.isoformat().replace("+00:00", "Z") if self.ts else None,
+            "job_id": self.job_id,
+            "v": self.v,
+            "data": self.data(),
+        }
+
+
+class JobAccepted(JobEvent):
+    type: ClassVar[str] = "job.accepted"
+
+
+class DownloadStarted(JobEvent):
+    type: ClassVar[str] = "download.started"
+    attempt: int
+
+
+class DownloadRequeued(JobEvent):
+    """A processor died (its lease expired) or shut down holding the job."""
+
+    type: ClassVar[str] = "download.requeued"
+    attempt: int
+    reason: str
+
+
+class DownloadRetryScheduled(JobEvent):
+    type: ClassVar[str] = "download.retry_scheduled"
+    attempt: int
+    response_code: int
+    error: str
+    retry_in_ms: int
+
+
+class DownloadSucceeded(JobEvent):
+    type: ClassVar[str] = "download.succeeded"
+    attempt: int
+    response_code: int
+    download_url: str
+    file_mime_type: str
+    file_bytes: int
+    image_size: str
+
+
+class DownloadFailed(JobEvent):
+    type: ClassVar[str] = "download.failed"
+    attempt: int
+    response_code: int
+    error: str
+    file_mime_type: str = ""
+
+
+class CallbackAttempted(JobEvent):
+    type: ClassVar[str] = "callback.attempted"
+    attempt: int
+
+
+class CallbackRetryScheduled(JobEvent):
+    type: ClassVar[str] = "callback.retry_scheduled"
+    attempt: int
+    delivery_error: str
+    retry_in_ms: int
+
+
+class CallbackDelivered(JobEvent):
+    type: ClassVar[str] = "callback.delivered"
+    attempt: int
+
+
+class CallbackFailed(JobEvent):
+    type: ClassVar[str] = "callback.failed"
+    attempt: int
+    delivery_error: str
+
+
+class CallbackRequeued(JobEvent):
+    """POST /retry/{id}: a fresh round of callback attempts."""
+
+    type: ClassVar[str] = "callback.requeued"
+
+
+class FileDeleted(JobEvent):
+    type: ClassVar[str] = "file.deleted"
+
+
+EVENT_TYPES: dict[str, type[JobEvent]] = {
+    cls.type: cls
+    for cls in (
+        JobAccepted,
+        DownloadStarted,
+        DownloadRequeued,
+        DownloadRetryScheduled,
+        DownloadSucceeded,
+        DownloadFailed,
+        CallbackAttempted,
+        CallbackRetryScheduled,
+        CallbackDelivered,
+        CallbackFailed,
+        CallbackRequeued,
+        FileDeleted,
+    )
+}
+
+
+def parse_event(event_id: str, fields: dict[str, str], job_id: str = "") -> JobEvent:
+    """A stream entry as an event object; unknown types (from a newer version) keep their data."""
+    cls = EVENT_TYPES.get(fields["type"], JobEvent)
+    ts = datetime.fromtimestamp(int(fields["ts"]) / 1000, tz=UTC)
+    data = json.loads(fields.get("data") or "{}")
+    event = cls.model_validate(
+        {**data, "v": int(fields.get("v", 1)), "id": event_id, "job_id": fields.get("job_id", job_id), "ts": ts}
+    )
+    return event

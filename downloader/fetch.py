@@ -1,0 +1,136 @@
+"""One download: stream a URL to a temporary file, verify it, move it into the file store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import imagesize
+
+from downloader.errors import PermanentError, TransientError
+from downloader.mime import SNIFF_BYTES, MimePattern, sniff
+from downloader.netguard import find_blocked
+
+__all__ = ["IMAGE_TYPES", "FetchRequest", "FetchResult", "fetch"]
+
+IMAGE_TYPES = frozenset(
+    {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/x-ms-bmp", "image/tiff"}
+)
+_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    url: str
+    headers: dict[str, str]
+    proxy: str | None
+    timeout_s: float
+    connect_timeout_s: float
+    max_bytes: int
+    mime: MimePattern | None
+    extract_image_size: bool
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    response_code: int
+    mime_type: str
+    size: int
+    image_size: str
+
+
+async def fetch(session: aiohttp.ClientSession, req: FetchRequest, dest: Path) -> FetchResult:
+    """Download `req.url` into `dest` (a temporary path; the caller moves it into the store).
+
+    Raises TransientError (worth retrying) or PermanentError, each with the response code."""
+    timeout = aiohttp.ClientTimeout(total=req.timeout_s, sock_connect=req.connect_timeout_s)
+    code = 0
+    try:
+        async with session.get(
+            req.url, headers=req.headers, proxy=req.proxy, timeout=timeout
+        ) as resp:
+            code = resp.status
+            if code >= 500:
+                raise TransientError(f"Received status code {code}", code)
+            if code >= 400 or code < 200:
+                raise PermanentError(f"Received status code {code}", code)
+            if resp.content_length is not None and resp.content_length > req.max_bytes:
+                raise PermanentError(
+                    f"The body is {resp.content_length} bytes, over the limit of {req.max_bytes}", code
+                )
+            mime_type, size = await _stream(resp, req, dest)
+    except (TransientError, PermanentError):
+        raise
+    except TimeoutError as exc:
+        raise TransientError(f"Download timed out after {req.timeout_s:g} s", code) from exc
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise PermanentError(f"TLS certificate error: {exc.certificate_error}", code) from exc
+    except aiohttp.ClientSSLError as exc:
+        raise PermanentError(f"TLS error: {exc}", code) from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise TransientError(f"The body ended early: {exc}", code) from exc
+    except aiohttp.TooManyRedirects as exc:
+        raise PermanentError("Too many redirects", code) from exc
+    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlRedirectClientError) as exc:
+        raise PermanentError(f"Invalid URL: {exc}", code) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        if blocked := find_blocked(exc):
+            raise PermanentError(str(blocked), code) from exc
+        if isinstance(exc, ssl.SSLError):
+            raise PermanentError(f"TLS error: {exc}", code) from exc
+        raise TransientError(f"Connection error: {exc or type(exc).__name__}", code) from exc
+
+    image_size = ""
+    if req.extract_image_size and mime_type in IMAGE_TYPES:
+        width, height = await asyncio.to_thread(imagesize.get, str(dest))
+        if width <= 0 or height <= 0:
+            raise PermanentError(f"Bad image: cannot read the size of this {mime_type}", code)
+        image_size = f"{width}x{height}"
+    return FetchResult(code, mime_type, size, image_size)
+
+
+async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -> tuple[str, int]:
+    """Write the body to `dest`; sniff the first bytes and fail fast on a mime mismatch."""
+    size = 0
+    head = bytearray()
+    mime_type: str | None = None
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        async for chunk in resp.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > req.max_bytes:
+                raise PermanentError(
+                    f"The body is over the limit of {req.max_bytes} bytes", resp.status
+                )
+            if mime_type is None:
+                head += chunk
+                if len(head) >= SNIFF_BYTES:
+                    mime_type = await _check_mime(bytes(head), req.mime, resp.status)
+            # Writes land in the page cache; a thread hop per chunk would cost more than it saves.
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    if mime_type is None:
+        mime_type = await _check_mime(bytes(head), req.mime, resp.status)
+    return mime_type, size
+
+
+async def _check_mime(head: bytes, pattern: MimePattern | None, code: int) -> str:
+    mime_type = await asyncio.to_thread(sniff, head)
+    if pattern is not None and not pattern.matches(mime_type):
+        raise PermanentError(
+            f"Expected mime-type to be ({pattern.text}), found ({mime_type})", code
+        )
+    return mime_type
+
+
+def discard(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

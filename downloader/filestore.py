@@ -1,0 +1,52 @@
+"""The filesystem store: `<root>/<id[0:3]>/<id>`, filled by an atomic rename from `<root>/.tmp`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+__all__ = ["FileStore"]
+
+
+class FileStore:
+    def __init__(self, root: str | Path, download_url: str) -> None:
+        self.root = Path(root).resolve()
+        self.tmp_dir = self.root / ".tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._base_url = download_url.rstrip("/")
+
+    def path(self, job_id: str) -> Path:
+        return self.root / job_id[:3] / job_id
+
+    def tmp_path(self, job_id: str, owner: str) -> Path:
+        return self.tmp_dir / f"{job_id}.{owner}"
+
+    def url(self, job_id: str) -> str:
+        return f"{self._base_url}/{job_id[:3]}/{job_id}"
+
+    def commit(self, tmp: Path, job_id: str) -> None:
+        """Move a finished download into place atomically (same filesystem)."""
+        final = self.path(job_id)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(tmp, final)
+
+    def delete(self, job_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(job_id).unlink()
+
+    def sweep_tmp(self, owner_suffix: str | None = None) -> int:
+        """Remove temporary files (of one owner, or all); returns how many."""
+        n = 0
+        for p in self.tmp_dir.iterdir():
+            if owner_suffix is None or p.name.endswith(f".{owner_suffix}"):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    n += 1
+        return n
+
+    def used_percent(self) -> float:
+        st = os.statvfs(self.root)
+        total = st.f_blocks * st.f_frsize
+        free = st.f_bavail * st.f_frsize
+        return 100.0 * (total - free) / total if total else 0.0

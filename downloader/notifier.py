@@ -1,0 +1,188 @@
+"""The notifier: delivers callbacks from the callbacks stream (a consumer group), retries them
+on the configured schedule, and reclaims what a dead notifier left unsettled (at least once)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from downloader import metrics
+from downloader.backends import Backend, Delivery, Payload
+from downloader.backoff import callback_retry_delay_s
+from downloader.config import Config
+from downloader.heartbeat import publish_stats
+from downloader.log import get_logger
+from downloader.resilience import REDIS_DOWN, forever
+from downloader.storage import Storage
+
+__all__ = ["Notifier", "callback_payload"]
+
+log = get_logger(__name__)
+
+
+def callback_payload(job: dict[str, str]) -> Payload:
+    """The callback body of SPEC §4, from a job projection."""
+    success = job.get("download_state") == "Success"
+    return {
+        "success": success,
+        "error": "" if success else job.get("error", ""),
+        "extra": job.get("extra", ""),
+        "resource_url": job.get("url", ""),
+        "download_url": job.get("download_url", "") if success else "",
+        "job_id": job["id"],
+        "response_code": int(job.get("response_code") or 0),
+        "delivered": True,
+        "delivery_error": "",
+        "image_size": job.get("image_size", "") if success else "",
+    }
+
+
+class Notifier:
+    def __init__(
+        self, config: Config, storage: Storage, instance: str, backends: dict[str, Backend]
+    ) -> None:
+        if not backends:
+            raise ValueError("no callback backend configured (backends.http or backends.kafka)")
+        self.cfg = config.notifier
+        self.storage = storage
+        self.consumer = instance
+        self.backends = backends
+        self.successful = 0
+        self.failed = 0
+        self.retried = 0
+        self._slots = asyncio.Semaphore(self.cfg.concurrency)
+        self._inflight: dict[str, asyncio.Task[None]] = {}  # stream entry id -> delivery
+        self._timer_kick = asyncio.Event()
+        self._stopping = False
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "successfulCallbacks": self.successful,
+            "failedCallbacks": self.failed,
+            "retriedCallbacks": self.retried,
+            "inFlight": len(self._inflight),
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for backend in self.backends.values():
+            await backend.start()
+        loops = [
+            asyncio.create_task(forever(name, step, lambda: self._stopping), name=name)
+            for name, step in (
+                ("consume", self._consume_step),
+                ("reclaim", self._reclaim_step),
+                ("timer", self._timer_step),
+                (
+                    "stats",
+                    lambda: publish_stats(
+                        self.storage, "notifier", self.consumer, self.stats, self.cfg.stats_interval
+                    ),
+                ),
+            )
+        ]
+        log.info("notifier started", instance=self.consumer, backends=sorted(self.backends))
+        try:
+            await stop.wait()
+        finally:
+            self._stopping = True
+            self._timer_kick.set()
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            if self._inflight:
+                # Unfinished entries stay pending in the group: another notifier reclaims them.
+                _done, pending = await asyncio.wait(
+                    self._inflight.values(), timeout=self.cfg.shutdown_grace_seconds
+                )
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            for backend in self.backends.values():
+                await backend.close(self.cfg.shutdown_grace_seconds)
+            log.info("notifier stopped", instance=self.consumer)
+
+    async def _consume_step(self) -> None:
+        await self.storage.ensure_callback_group()
+        while not self._stopping:
+            await self._slots.acquire()  # wait for room before taking entries off the stream
+            self._slots.release()
+            room = max(1, self.cfg.concurrency - len(self._inflight))
+            for entry_id, job_id in await self.storage.read_callbacks(self.consumer, room, 2000):
+                await self._spawn(entry_id, job_id)
+
+    async def _reclaim_step(self) -> None:
+        await asyncio.sleep(self.cfg.claim_idle_ms / 2000)
+        for entry_id, job_id in await self.storage.reclaim_callbacks(
+            self.consumer, self.cfg.claim_idle_ms, self.cfg.concurrency
+        ):
+            if entry_id not in self._inflight:
+                log.info("reclaimed a callback left by another notifier", job_id=job_id)
+                await self._spawn(entry_id, job_id)
+
+    async def _timer_step(self) -> None:
+        _moved, next_ms = await self.storage.promote_callbacks()
+        self._timer_kick.clear()
+        wait_ms = 1000.0 if next_ms < 0 else max(1.0, min(float(next_ms), 1000.0))
+        try:
+            await asyncio.wait_for(self._timer_kick.wait(), wait_ms / 1000)
+        except TimeoutError:
+            pass
+
+    async def _spawn(self, entry_id: str, job_id: str) -> None:
+        await self._slots.acquire()
+        task = asyncio.create_task(self._deliver(entry_id, job_id), name=f"callback:{job_id}")
+        self._inflight[entry_id] = task
+
+        def done(_t: asyncio.Task[None]) -> None:
+            self._inflight.pop(entry_id, None)
+            self._slots.release()
+
+        task.add_done_callback(done)
+
+    async def _deliver(self, entry_id: str, job_id: str) -> None:
+        try:
+            await self._attempt(entry_id, job_id)
+        except REDIS_DOWN as exc:
+            # The entry stays pending; reclaim picks it up once Redis is back.
+            log.warning("redis down during a callback; it will be reclaimed", job_id=job_id, error=str(exc))
+
+    async def _attempt(self, entry_id: str, job_id: str) -> None:
+        job = await self.storage.callback_begin(job_id)
+        if not job:
+            await self.storage.callback_skip(entry_id)
+            return
+        attempt = int(job["callback_attempts"])
+        kind = job.get("callback_type", "")
+        backend = self.backends.get(kind)
+        started = time.perf_counter()
+        if backend is None:
+            result = Delivery(
+                False, f"callback_type {kind!r} is not enabled on this notifier", permanent=True
+            )
+        else:
+            result = await backend.deliver(
+                job_id, job["outcome_event_id"], job["callback_dst"], callback_payload(job)
+            )
+        metrics.CALLBACK_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        data: dict[str, Any] = {"attempt": attempt}
+        if result.delivered:
+            outcome, delay_ms = "delivered", int(self.cfg.deletion_interval * 60_000)
+            self.successful += 1
+        else:
+            delay_s = None if result.permanent else callback_retry_delay_s(
+                attempt, self.cfg.retry_schedule_seconds
+            )
+            data["delivery_error"] = result.error
+            if delay_s is None:
+                outcome, delay_ms = "failed", 0
+                self.failed += 1
+            else:
+                outcome, delay_ms = "retry", int(delay_s * 1000)
+                data["retry_in_ms"] = delay_ms
+                self.retried += 1
+        metrics.CALLBACKS.labels(kind, outcome).inc()
+        await self.storage.callback_end(job_id, outcome, data, entry_id, delay_ms)
+        if outcome == "retry":
+            self._timer_kick.set()
+        log.debug("callback attempt", job_id=job_id, attempt=attempt, outcome=outcome, error=result.error)

@@ -1,0 +1,343 @@
+"""The processor: claims jobs within each aggregation's global cap and downloads them.
+
+Work is found by blocking reads of the wake stream (every enqueue, finished download and due
+retry announces its aggregation there), never by polling; a slow rescan of the registry is
+only the safety net. Each claimed job holds a lease that a background loop renews; a lease
+that runs out (the processor died) hands the job back to its queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from downloader import metrics
+from downloader.backoff import download_retry_delay_s, should_retry_download
+from downloader.config import Config
+from downloader.errors import PermanentError, TransientError
+from downloader.fetch import FetchRequest, discard, fetch
+from downloader.filestore import FileStore
+from downloader.heartbeat import publish_stats
+from downloader.log import get_logger
+from downloader.mime import MimePattern
+from downloader.netguard import NetworkPolicy
+from downloader.resilience import REDIS_DOWN, forever
+from downloader.storage import Storage
+
+__all__ = ["Processor"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ProcessorStats:
+    """The counters of GET /stats/processor (names as in the original service)."""
+
+    worker_pools: int = 0
+    spawned_worker_pools: int = 0
+    max_worker_pools: int = 0
+    workers: int = 0
+    spawned_workers: int = 0
+    max_workers: int = 0
+    failures: int = 0
+    retries: int = 0
+    successes: int = 0
+    paused: int = 0
+    responses: Counter[int] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, int]:
+        out = {
+            "workerPools": self.worker_pools,
+            "spawnedWorkerPools": self.spawned_worker_pools,
+            "maxWorkerPools": self.max_worker_pools,
+            "workers": self.workers,
+            "spawnedWorkers": self.spawned_workers,
+            "maxWorkers": self.max_workers,
+            "failures": self.failures,
+            "retries": self.retries,
+            "successes": self.successes,
+            "paused": self.paused,
+        }
+        out.update({f"download.response.{code}": n for code, n in self.responses.items()})
+        return out
+
+
+class Processor:
+    def __init__(self, config: Config, storage: Storage, instance: str) -> None:
+        self.config = config
+        self.cfg = config.processor
+        self.storage = storage
+        self.owner = instance
+        self.store = FileStore(self.cfg.storage_dir, self.cfg.download_url)
+        self.policy = NetworkPolicy(
+            config.security.allow_private_networks, config.security.allowed_networks
+        )
+        self.stats = ProcessorStats()
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._per_aggr: Counter[str] = Counter()
+        self._hot: dict[str, None] = {}  # aggregations that may have ready jobs, in turn order
+        self._kick = asyncio.Event()
+        self._timer_kick = asyncio.Event()
+        self._stopping = False
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set, then finish or hand back in-flight jobs within the grace."""
+        connector = aiohttp.TCPConnector(
+            limit=self.cfg.max_workers, socket_factory=self.policy.socket_factory()
+        )
+        self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        loops = [
+            asyncio.create_task(forever(name, step, lambda: self._stopping), name=name)
+            for name, step in (
+                ("wake", self._wake_step),
+                ("dispatch", self._dispatch_step),
+                ("timer", self._timer_step),
+                ("renew", self._renew_step),
+                ("disk", self._disk_step),
+                (
+                    "stats",
+                    lambda: publish_stats(
+                        self.storage,
+                        "processor",
+                        self.owner,
+                        self.stats.as_dict,
+                        self.cfg.stats_interval,
+                    ),
+                ),
+            )
+        ]
+        log.info("processor started", instance=self.owner, max_workers=self.cfg.max_workers)
+        try:
+            await stop.wait()
+        finally:
+            await self._shutdown(loops)
+
+    async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
+        self._stopping = True
+        self._kick.set()
+        self._timer_kick.set()
+        for t in loops:
+            t.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        tasks = dict(self._active)
+        if tasks:
+            log.info("finishing in-flight downloads", count=len(tasks))
+            _done, pending = await asyncio.wait(
+                tasks.values(), timeout=self.cfg.shutdown_grace_seconds
+            )
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            unfinished = [jid for jid, t in tasks.items() if t in pending]
+            if unfinished:
+                try:
+                    n = await self.storage.release(self.owner, unfinished)
+                    log.info("handed jobs back", count=n)
+                except REDIS_DOWN:
+                    log.warning("could not hand jobs back; their leases will expire")
+        if self._session is not None:
+            await self._session.close()
+        log.info("processor stopped", instance=self.owner)
+
+    # -- finding work ---------------------------------------------------------------------------
+
+    async def _wake_step(self) -> None:
+        position = await self.storage.wake_position()
+        await self._rescan()
+        next_rescan = time.monotonic() + self.cfg.rescan_interval_ms / 1000
+        while not self._stopping:
+            block_ms = max(1, int((next_rescan - time.monotonic()) * 1000))
+            position, aggrs = await self.storage.read_wakes(position, block_ms)
+            if aggrs:
+                self._hot.update(dict.fromkeys(aggrs))
+                self._kick.set()
+            if time.monotonic() >= next_rescan:
+                await self._rescan()
+                next_rescan = time.monotonic() + self.cfg.rescan_interval_ms / 1000
+
+    async def _rescan(self) -> None:
+        for aggr, _size in await self.storage.pending_aggregations():
+            self._hot.setdefault(aggr, None)
+        self._kick.set()
+
+    def _free(self) -> int:
+        return self.cfg.max_workers - len(self._active)
+
+    async def _dispatch_step(self) -> None:
+        while not self._stopping:
+            await self._kick.wait()
+            self._kick.clear()
+            while self._hot and self._free() > 0 and not self.stats.paused and not self._stopping:
+                aggr = next(iter(self._hot))
+                del self._hot[aggr]
+                claim = await self.storage.claim(aggr, self.owner, self.cfg.lease_ms, self._free())
+                for job in claim.jobs:
+                    self._start(aggr, job, claim.proxy or None)
+                if claim.ready_left > 0 and claim.free_slots > 0:
+                    self._hot[aggr] = None  # more to take once we have room: back of the line
+
+    def _start(self, aggr: str, job: dict[str, str], proxy: str | None) -> None:
+        job_id = job["id"]
+        if self._per_aggr[aggr] == 0:
+            self.stats.spawned_worker_pools += 1
+        self._per_aggr[aggr] += 1
+        self.stats.worker_pools = len(+self._per_aggr)
+        self.stats.max_worker_pools = max(self.stats.max_worker_pools, self.stats.worker_pools)
+        self.stats.spawned_workers += 1
+        task = asyncio.create_task(self._work(job, proxy), name=f"job:{job_id}")
+        self._active[job_id] = task
+        self.stats.workers = len(self._active)
+        self.stats.max_workers = max(self.stats.max_workers, self.stats.workers)
+        metrics.WORKERS.set(len(self._active))
+
+        def done(_t: asyncio.Task[None]) -> None:
+            self._active.pop(job_id, None)
+            self._per_aggr[aggr] -= 1
+            self.stats.worker_pools = len(+self._per_aggr)
+            self.stats.workers = len(self._active)
+            metrics.WORKERS.set(len(self._active))
+            self._kick.set()
+
+        task.add_done_callback(done)
+
+    # -- one job --------------------------------------------------------------------------------
+
+    def _request(self, job: dict[str, str], proxy: str | None) -> FetchRequest:
+        headers: CIMultiDict[str] = CIMultiDict(self.cfg.request_headers)
+        headers.update(json.loads(job.get("request_headers") or "{}"))
+        timeout_s = int(job.get("download_timeout") or 0) or self.cfg.download_timeout_seconds
+        pattern = job.get("mime_type") or ""
+        return FetchRequest(
+            url=job["url"],
+            headers=dict(headers),
+            proxy=proxy,
+            timeout_s=float(timeout_s),
+            connect_timeout_s=min(self.cfg.connect_timeout_seconds, float(timeout_s)),
+            max_bytes=self.cfg.max_download_bytes,
+            mime=MimePattern.parse(pattern) if pattern else None,
+            extract_image_size=job.get("extract_image_size") == "true",
+        )
+
+    async def _work(self, job: dict[str, str], proxy: str | None) -> None:
+        job_id = job["id"]
+        attempt = int(job["download_attempts"])
+        tmp = self.store.tmp_path(job_id, self.owner)
+        started = time.perf_counter()
+        outcome: str
+        data: dict[str, Any]
+        retry_in_ms = 0
+        assert self._session is not None
+        try:
+            result = await fetch(self._session, self._request(job, proxy), tmp)
+            self.store.commit(tmp, job_id)
+            outcome, data = "succeeded", {
+                "attempt": attempt,
+                "response_code": result.response_code,
+                "download_url": self.store.url(job_id),
+                "file_mime_type": result.mime_type,
+                "file_bytes": result.size,
+                "image_size": result.image_size,
+            }
+            self.stats.responses[result.response_code] += 1
+            metrics.DOWNLOAD_BYTES.inc(result.size)
+        except (TransientError, PermanentError) as exc:
+            discard(tmp)
+            self.stats.responses[exc.response_code] += 1
+            retriable = isinstance(exc, TransientError)
+            data = {"attempt": attempt, "response_code": exc.response_code, "error": str(exc)}
+            if should_retry_download(attempt, int(job["max_retries"]), retriable):
+                retry_in_ms = int(
+                    1000
+                    * download_retry_delay_s(
+                        attempt, self.cfg.retry_backoff_seconds, self.cfg.retry_backoff_cap_seconds
+                    )
+                )
+                outcome, data = "retry", {**data, "retry_in_ms": retry_in_ms}
+            else:
+                outcome = "failed"
+        except asyncio.CancelledError:
+            discard(tmp)
+            raise
+        except Exception as exc:  # a bug must not wedge the job: fail it, visibly
+            discard(tmp)
+            log.exception("download crashed", job_id=job_id)
+            outcome, data = "failed", {
+                "attempt": attempt,
+                "response_code": 0,
+                "error": f"Internal error: {type(exc).__name__}",
+            }
+        metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started)
+        metrics.DOWNLOADS.labels(outcome).inc()
+        if await self._record(job_id, outcome, data, retry_in_ms):
+            if outcome == "failed":
+                self.stats.failures += 1
+            elif outcome == "retry":
+                self.stats.retries += 1
+                self._timer_kick.set()
+            else:
+                self.stats.successes += 1
+
+    async def _record(self, job_id: str, outcome: str, data: dict[str, Any], retry_in_ms: int) -> bool:
+        """Write the outcome, riding out a short Redis outage while the lease lasts."""
+        deadline = time.monotonic() + self.cfg.lease_ms / 1000
+        delay = 0.05
+        while True:
+            try:
+                ok = await self.storage.finish(job_id, self.owner, outcome, data, retry_in_ms)
+                if not ok:
+                    log.warning("lease lost before the outcome was written", job_id=job_id)
+                return ok
+            except REDIS_DOWN:
+                if time.monotonic() > deadline:
+                    log.warning("redis down past the lease; the job will be requeued", job_id=job_id)
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # -- background -----------------------------------------------------------------------------
+
+    async def _timer_step(self) -> None:
+        """Promote due retries, requeue expired leases, reap delivered files; sleep until due."""
+        _moved, next_retry_ms = await self.storage.promote_retries()
+        while await self.storage.requeue_expired() > 0:
+            pass
+        due, next_reap_ms = await self.storage.reap_due()
+        for job_id in due:
+            await asyncio.to_thread(self.store.delete, job_id)
+            await self.storage.reap_done(job_id)
+        waits = [self.cfg.lease_ms / 2] + [ms for ms in (next_retry_ms, next_reap_ms) if ms >= 0]
+        self._timer_kick.clear()
+        try:
+            await asyncio.wait_for(self._timer_kick.wait(), max(1, min(waits)) / 1000)
+        except TimeoutError:
+            pass
+
+    async def _renew_step(self) -> None:
+        await asyncio.sleep(self.cfg.lease_ms / 3000)
+        lost = await self.storage.renew(self.owner, self.cfg.lease_ms, list(self._active))
+        for job_id in lost:
+            task = self._active.get(job_id)
+            if task is not None:
+                log.warning("lease lost, abandoning download", job_id=job_id)
+                task.cancel()
+
+    async def _disk_step(self) -> None:
+        used = await asyncio.to_thread(self.store.used_percent)
+        if not self.stats.paused and used >= self.cfg.disk_pause_percent:
+            self.stats.paused = 1
+            log.warning("disk full: not taking jobs", used_percent=round(used, 1))
+        elif self.stats.paused and used < self.cfg.disk_resume_percent:
+            self.stats.paused = 0
+            log.info("disk has room again: taking jobs", used_percent=round(used, 1))
+            await self._rescan()
+        metrics.PAUSED.set(self.stats.paused)
+        await asyncio.sleep(self.cfg.disk_check_interval_ms / 1000)
