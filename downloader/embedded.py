@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["EmbeddedRedis", "find_redis_server", "reachable"]
 
@@ -51,8 +52,17 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(
+        with open(self.data_dir / "redis.log", "ab") as log:
+            self.proc = self._spawn(log)
+        deadline = time.monotonic() + timeout_s
+        while not reachable(self.host, self.port, 0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"embedded redis-server did not start:\n{tail}")
+            time.sleep(0.02)
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 find_redis_server(),
                 "--bind", self.host,
@@ -66,12 +76,6 @@ class EmbeddedRedis:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout_s
-        while not reachable(self.host, self.port, 0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"embedded redis-server did not start:\n{tail}")
-            time.sleep(0.02)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= config.json
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint mypy bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	@$(PY) -c "import magic" 2>/dev/null || $(MAKE) --no-print-directory libmagic
+	touch $(STAMP)
+
+# python-magic needs the C library libmagic; install it where we can, else say how.
+libmagic:
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq libmagic1 >/dev/null; \
+	else \
+	  echo "python-magic needs libmagic: apt-get install libmagic1 (Debian/Ubuntu) or brew install libmagic (macOS)"; exit 1; \
+	fi
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/downloader run -c $(CONFIG)
+
+# pytest exits 5 when it collected no test: that is a failure here, never a pass.
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check downloader tests bench
+	$(VENV)/bin/ruff format --check downloader tests bench
+
+mypy: install
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

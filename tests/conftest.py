@@ -1,0 +1,292 @@
+"""Fixtures: a private redis-server per session, real HTTP peers on loopback, and the service
+itself, run in-process (`service`) or as real OS processes (`spawn`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from downloader.api import build_app
+from downloader.cli import make_backends
+from downloader.config import Config, load_config
+from downloader.embedded import EmbeddedRedis
+from downloader.heartbeat import new_instance_id
+from downloader.notifier import Notifier
+from downloader.processor import Processor
+from downloader.storage import Storage, connect
+from tests.servers import CallbackReceiver, FileServer, ForwardProxy, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """A private redis-server on a free port (the same binary `make run` embeds)."""
+    data = Path(tempfile.mkdtemp(prefix="dl-redis-"))
+    server = EmbeddedRedis(data, "127.0.0.1", free_port())
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+    """A client on a flushed database: every test starts from nothing."""
+    client = aioredis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+def fast_settings(redis_addr: str, tmp: Path) -> dict[str, Any]:
+    """Config for tests: millisecond timers, loopback allowed, files under tmp."""
+    return {
+        "redis": {"addr": redis_addr},
+        "api": {"heartbeat_path": str(tmp / "hb-off"), "port": 0},
+        "processor": {
+            "storage_dir": str(tmp / "files"),
+            "download_url": "http://files.test/dl",
+            "request_headers": {"User-Agent": "downloader-test", "X-Default": "d"},
+            "retry_backoff_seconds": 0.01,
+            "stats_interval": 100,
+            "lease_ms": 1000,
+            "rescan_interval_ms": 500,
+            "disk_check_interval_ms": 100,
+            "shutdown_grace_seconds": 2,
+        },
+        "notifier": {
+            "concurrency": 20,
+            "stats_interval": 100,
+            "deletion_interval": 0.005,
+            "retry_schedule_seconds": [0.01, 0.02],
+            "claim_idle_ms": 1000,
+            "shutdown_grace_seconds": 2,
+        },
+        "backends": {"http": {"timeout": 2}},
+        "security": {"allow_private_networks": True},
+        "log": {"level": "warning"},
+    }
+
+
+def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def make_config(redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path) -> Callable[..., tuple[Path, Config]]:
+    """`make_config({"processor": {...}})` -> (path of a config.json, the validated Config)."""
+
+    def make(patch: dict[str, Any] | None = None, name: str = "config.json") -> tuple[Path, Config]:
+        raw = merge(fast_settings(redis_server.addr, tmp_path), patch or {})
+        path = tmp_path / name
+        path.write_text(json.dumps(raw))
+        return path, load_config(path, environ={})
+
+    return make
+
+
+class Service:
+    """api + processor + notifier running in this event loop, against the test Redis."""
+
+    def __init__(self, config: Config, roles: set[str]) -> None:
+        self.config = config
+        self.roles = roles
+        self.stop = asyncio.Event()
+        self.storage = Storage(connect(config), config)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.processor: Processor | None = None
+        self.notifier: Notifier | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.base_url = ""
+
+    async def start(self) -> Service:
+        from aiohttp import web
+
+        if "api" in self.roles:
+            self.runner = web.AppRunner(build_app(self.config, self.storage), access_log=None)
+            await self.runner.setup()
+            port = free_port()
+            await web.TCPSite(self.runner, "127.0.0.1", port).start()
+            self.base_url = f"http://127.0.0.1:{port}"
+        if "processor" in self.roles:
+            self.processor = Processor(self.config, self.storage, new_instance_id())
+            self.tasks.append(asyncio.create_task(self.processor.run(self.stop)))
+        if "notifier" in self.roles:
+            self.notifier = Notifier(self.config, self.storage, new_instance_id(), make_backends(self.config))
+            self.tasks.append(asyncio.create_task(self.notifier.run(self.stop)))
+        self.http = aiohttp.ClientSession()
+        return self
+
+    async def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        assert self.http is not None
+        async with self.http.post(self.base_url + path, json=body, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        assert self.http is not None
+        async with self.http.get(self.base_url + path, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def submit(self, **body: Any) -> str:
+        status, data = await self.post("/download", body)
+        assert status == 201, data
+        return str(data["id"])
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        status, data = await self.get(f"/jobs/{job_id}")
+        assert status == 200, data
+        return dict(data)
+
+    async def wait_job(self, job_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+        """Wait until the job's projection satisfies `predicate` (watching its event stream)."""
+        deadline = time.monotonic() + timeout
+        last = "0-0"
+        key = self.storage.keys.job_events(job_id)
+        while True:
+            job = await self.job(job_id)
+            if predicate(job):
+                return job
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"job {job_id} never got there: {job}")
+            res = await self.storage.r.xread({key: last}, block=max(1, int(remaining * 1000)))
+            for _s, entries in res or []:
+                last = entries[-1][0]
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+        if "api" in self.roles:
+            await self.runner.cleanup()
+        if self.http is not None:
+            await self.http.close()
+        await self.storage.close()
+
+
+@pytest.fixture
+async def service_factory(make_config: Callable[..., tuple[Path, Config]]) -> AsyncIterator[Callable[..., Any]]:
+    """`await service_factory(patch, roles)` -> a started in-process Service."""
+    started: list[Service] = []
+
+    async def make(patch: dict[str, Any] | None = None, roles: set[str] | None = None) -> Service:
+        _path, config = make_config(patch)
+        svc = await Service(config, roles or {"api", "processor", "notifier"}).start()
+        started.append(svc)
+        return svc
+
+    yield make
+    for svc in reversed(started):
+        await svc.close()
+
+
+@pytest.fixture
+async def service(service_factory: Callable[..., Any]) -> Service:
+    """The whole service with the test defaults."""
+    return await service_factory()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def files() -> AsyncIterator[FileServer]:
+    server = await FileServer().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[CallbackReceiver]:
+    server = await CallbackReceiver().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[ForwardProxy]:
+    server = await ForwardProxy().start()
+    yield server
+    await server.close()
+
+
+class Proc:
+    """One `downloader <role>` OS process."""
+
+    def __init__(self, role: str, config_path: Path, port: int | None, log_path: Path) -> None:
+        self.role, self.config_path, self.port, self.log_path = role, config_path, port, log_path
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        args = [sys.executable, "-m", "downloader", self.role, "-c", str(self.config_path)]
+        if self.port is not None:
+            args += ["--port", str(self.port), "--host", "127.0.0.1"]
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        return self
+
+    def kill(self) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def terminate(self, timeout: float = 15) -> int:
+        assert self.popen is not None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """`spawn(role, config_path, port=None)` starts a real process; all are killed at the end."""
+    procs: list[Proc] = []
+
+    def make(role: str, config_path: Path, port: int | None = None) -> Proc:
+        p = Proc(role, config_path, port, tmp_path / f"{role}-{len(procs)}.log").start()
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        if p.popen is not None and p.popen.poll() is None:
+            p.popen.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(10)
+
+
+async def wait_http(url: str, timeout: float = 15.0) -> None:
+    """Wait until something answers at `url` (a spawned API coming up)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(url)
+            await asyncio.sleep(0.05)
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,0 +1,163 @@
+"""Real HTTP peers on 127.0.0.1 for the tests: an origin file server, a callback receiver and a
+forward proxy. Each records what it saw so tests can assert on it and await it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Reply:
+    """One scripted answer of the file server."""
+
+    body: bytes = b""
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    truncate_to: int | None = None  # announce len(body), send only this many bytes, then close
+    stall_after: int | None = None  # send this many bytes, then hang
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _start(self, app: web.Application) -> None:
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.2)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+class FileServer(_Server):
+    """Serves scripted replies per path: a list is answered in order, its last item repeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replies: dict[str, list[Reply]] = {}
+        self.requests: dict[str, list[dict[str, str]]] = defaultdict(list)
+
+    async def start(self) -> FileServer:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        await self._start(app)
+        return self
+
+    def add(self, path: str, *replies: Reply | bytes) -> str:
+        self.replies[path] = [r if isinstance(r, Reply) else Reply(r) for r in replies]
+        self.requests.pop(path, None)
+        return self.url(path)
+
+    def count(self, path: str) -> int:
+        return len(self.requests[path])
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        self.requests[path].append(dict(request.headers))
+        script = self.replies.get(path)
+        if not script:
+            return web.Response(status=404, text="not found")
+        n = len(self.requests[path])
+        reply = script[min(n, len(script)) - 1]
+        if reply.truncate_to is None and reply.stall_after is None:
+            return web.Response(body=reply.body, status=reply.status, headers=reply.headers)
+        resp = web.StreamResponse(status=reply.status, headers=reply.headers)
+        resp.content_length = len(reply.body)
+        await resp.prepare(request)
+        cut = reply.truncate_to if reply.truncate_to is not None else reply.stall_after
+        await resp.write(reply.body[:cut])
+        if reply.stall_after is not None:
+            await asyncio.sleep(3600)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+
+class CallbackReceiver(_Server):
+    """Collects callbacks; `status` scripts the answers (list in order, last repeats)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.statuses: list[int] = [200]
+        self.delay_s = 0.0
+        self._arrived = asyncio.Condition()
+
+    async def start(self) -> CallbackReceiver:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        await self._start(app)
+        return self
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        payload = json.loads(await request.read())
+        n = sum(1 for p in self.received if p.get("job_id") == payload.get("job_id"))
+        status = self.statuses[min(n, len(self.statuses) - 1)]
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        async with self._arrived:
+            self.received.append({**payload, "_status": status})
+            self.headers.append(dict(request.headers))
+            self._arrived.notify_all()
+        return web.Response(status=status)
+
+    def for_job(self, job_id: str) -> list[dict[str, Any]]:
+        return [p for p in self.received if p["job_id"] == job_id]
+
+    async def wait_for(self, job_id: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The first `count` callbacks of a job, once they arrived."""
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: len(self.for_job(job_id)) >= count)
+        return self.for_job(job_id)
+
+    async def wait_total(self, count: int, timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: len(self.received) >= count)
+
+
+class ForwardProxy(_Server):
+    """A plain HTTP forward proxy (absolute-form requests), recording what went through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    async def start(self) -> ForwardProxy:
+        import aiohttp
+
+        self.client = aiohttp.ClientSession()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        await self._start(app)
+        return self
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        target = str(request.url)
+        self.seen.append(target)
+        async with self.client.get(target, headers={"X-Via-Proxy": "1"}) as resp:
+            return web.Response(body=await resp.read(), status=resp.status)
+
+    async def close(self) -> None:
+        await self.client.close()
+        await super().close()
