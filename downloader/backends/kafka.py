@@ -1,0 +1,103 @@
+"""Kafka callbacks: produce the payload to topic `callback_dst`, keyed by job id, with the
+event id in a header; delivered only when the broker's delivery report says so.
+
+librdkafka's `produce` only queues; delivery reports arrive through `poll`, which a dedicated
+thread runs so the event loop never blocks on the producer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from downloader.backends import Delivery, Payload
+
+__all__ = ["KafkaBackend", "producer_config"]
+
+_DEFAULTS = {
+    "message.timeout.ms": 30_000,
+    "enable.idempotence": True,  # keeps per-partition order through retries
+    "linger.ms": 5,
+}
+
+
+def producer_config(properties: dict[str, Any]) -> dict[str, Any]:
+    """librdkafka properties from `backends.kafka`, over our defaults."""
+    return {**_DEFAULTS, **properties}
+
+
+class PollingProducer:
+    """A confluent-kafka Producer whose delivery reports resolve asyncio futures."""
+
+    def __init__(self, properties: dict[str, Any]) -> None:
+        self.config = producer_config(properties)
+        self.timeout_s = float(self.config["message.timeout.ms"]) / 1000 + 5
+        self.producer: Producer | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.producer = Producer(self.config)
+        self._thread = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        assert self.producer is not None
+        while not self._stop.is_set():
+            self.producer.poll(0.05)
+
+    async def produce(
+        self, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> str:
+        """Produce one message and wait for its delivery report: '' when delivered, else why not."""
+        assert self.producer is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            reason = "" if err is None else f"{err.name()}: {err.str()}"
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(reason))
+
+        try:
+            self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
+        except BufferError:
+            return "the local producer queue is full (queue.buffering.max.messages)"
+        except KafkaException as exc:
+            return f"{exc.args[0].name()}: {exc.args[0].str()}"
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), self.timeout_s)
+        except TimeoutError:
+            return "no delivery report within message.timeout.ms"
+
+    def close(self, timeout_s: float) -> int:
+        """Flush within `timeout_s`; returns how many messages never got a report."""
+        left = 0
+        if self.producer is not None:
+            left = self.producer.flush(timeout_s)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+        return int(left)
+
+
+class KafkaBackend:
+    name = "kafka"
+
+    def __init__(self, properties: dict[str, Any]) -> None:
+        self.producer = PollingProducer(properties)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.producer.start)
+
+    async def deliver(self, job_id: str, event_id: str, destination: str, payload: Payload) -> Delivery:
+        value = json.dumps(payload, separators=(",", ":")).encode()
+        error = await self.producer.produce(
+            destination, job_id, value, [("event-id", event_id.encode())]
+        )
+        return Delivery(not error, error)
+
+    async def close(self, timeout_s: float) -> None:
+        await asyncio.to_thread(self.producer.close, timeout_s)
