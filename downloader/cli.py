@@ -125,6 +125,25 @@ def _embed_if_needed(config: Config) -> tuple[Config, EmbeddedRedis | None]:
     return config.model_copy(update={"redis": redis}), embedded
 
 
+async def _receive(host: str, port: int) -> int:
+    """Print every callback POSTed to host:port (a debugging aid for trying the service)."""
+    stop = _stop_event()
+
+    async def show(request: web.Request) -> web.Response:
+        print(f"{request.method} {request.path} {(await request.read()).decode(errors='replace')}", flush=True)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", show)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    print(f"listening for callbacks on http://{host}:{port}/", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="downloader", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("api", "run"):
             p.add_argument("--host", default=None, help="listen address (default api.host)")
             p.add_argument("--port", type=int, default=None, help="listen port (default api.port, 8000)")
+    rec = sub.add_parser("receive", help="print callbacks POSTed to --port (for trying the service)")
+    rec.add_argument("--host", default="127.0.0.1")
+    rec.add_argument("--port", type=int, default=9001)
     args = parser.parse_args(argv)
+    if args.command == "receive":
+        return asyncio.run(_receive(args.host, args.port))
     try:
         config = load_config(args.config)
     except ConfigError as exc:
