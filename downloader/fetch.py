@@ -19,7 +19,15 @@ from downloader.netguard import find_blocked
 __all__ = ["IMAGE_TYPES", "FetchRequest", "FetchResult", "fetch"]
 
 IMAGE_TYPES = frozenset(
-    {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/x-ms-bmp", "image/tiff"}
+    {
+        "image/png",
+        "image/jpeg",
+        "image/gif",
+        "image/webp",
+        "image/bmp",
+        "image/x-ms-bmp",
+        "image/tiff",
+    }
 )
 _CHUNK = 256 * 1024
 
@@ -61,7 +69,8 @@ async def fetch(session: aiohttp.ClientSession, req: FetchRequest, dest: Path) -
                 raise PermanentError(f"Received status code {code}", code)
             if resp.content_length is not None and resp.content_length > req.max_bytes:
                 raise PermanentError(
-                    f"The body is {resp.content_length} bytes, over the limit of {req.max_bytes}", code
+                    f"The body is {resp.content_length} bytes, over the limit of {req.max_bytes}",
+                    code,
                 )
             mime_type, size = await _stream(resp, req, dest)
     except (TransientError, PermanentError):

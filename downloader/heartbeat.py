@@ -19,7 +19,11 @@ def new_instance_id() -> str:
 
 
 async def publish_stats(
-    storage: Storage, role: str, instance: str, snapshot: Callable[[], Mapping[str, int]], interval_ms: int
+    storage: Storage,
+    role: str,
+    instance: str,
+    snapshot: Callable[[], Mapping[str, int]],
+    interval_ms: int,
 ) -> None:
     """One publication, then wait `interval_ms`; the entry lives three intervals."""
     await storage.publish_stats(role, instance, snapshot(), ttl_ms=3 * interval_ms)

@@ -28,7 +28,9 @@ DOWNLOAD_BYTES = Counter("downloader_download_bytes_total", "Bytes stored")
 WORKERS = Gauge("downloader_processor_workers", "Downloads in flight in this process")
 PAUSED = Gauge("downloader_processor_paused", "1 while the disk is too full to take jobs")
 CALLBACKS = Counter(
-    "downloader_callback_attempts_total", "Callback attempts by backend and outcome", ["backend", "outcome"]
+    "downloader_callback_attempts_total",
+    "Callback attempts by backend and outcome",
+    ["backend", "outcome"],
 )
 CALLBACK_SECONDS = Histogram(
     "downloader_callback_seconds",

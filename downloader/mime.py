@@ -36,7 +36,9 @@ class MimePattern:
             part = raw.strip()
             m = _PART.match(part)
             if not m:
-                raise ValueError(f"must be comma-separated mime globs like image/* or !image/gif, not {part!r}")
+                raise ValueError(
+                    f"must be comma-separated mime globs like image/* or !image/gif, not {part!r}"
+                )
             (negative if m.group(1) else positive).append(f"{m.group(2)}/{m.group(3)}".lower())
         return cls(text, tuple(positive), tuple(negative))
 

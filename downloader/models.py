@@ -19,7 +19,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _check_http_url(value: str) -> str:
-    """Raise ValueError (a predicate phrase: "must be ...") unless `value` is an absolute http(s) URL."""
+    """Raise ValueError ("must be ...") unless `value` is an absolute http(s) URL."""
     if len(value) > 8192:
         raise ValueError("must be at most 8192 characters long")
     if _CONTROL.search(value) or " " in value:
@@ -99,28 +99,37 @@ class DownloadRequest(BaseModel):
         if self.callback_url is not None:
             if self.callback_type is not None or self.callback_dst is not None:
                 raise ValidationFailed(
-                    "callback_url", "callback_url cannot be combined with callback_type/callback_dst"
+                    "callback_url",
+                    "callback_url cannot be combined with callback_type/callback_dst",
                 )
             _wrap("callback_url", self.callback_url)
         elif self.callback_type is not None or self.callback_dst is not None:
             if self.callback_type is None:
-                raise ValidationFailed("callback_type", "callback_type is required with callback_dst")
+                raise ValidationFailed(
+                    "callback_type", "callback_type is required with callback_dst"
+                )
             if not self.callback_dst:
-                raise ValidationFailed("callback_dst", "callback_dst is required with callback_type")
+                raise ValidationFailed(
+                    "callback_dst", "callback_dst is required with callback_type"
+                )
             if self.callback_type == "http":
                 _wrap("callback_dst", self.callback_dst)
             elif not _TOPIC.match(self.callback_dst):
                 raise ValidationFailed(
-                    "callback_dst", "callback_dst must be a Kafka topic name ([A-Za-z0-9._-], 1-249)"
+                    "callback_dst",
+                    "callback_dst must be a Kafka topic name ([A-Za-z0-9._-], 1-249)",
                 )
         if (self.s3_bucket is None) != (self.s3_region is None):
             field = "s3_region" if self.s3_region is None else "s3_bucket"
             raise ValidationFailed(field, "s3_bucket and s3_region must be given together")
         if self.s3_bucket is not None:
-            raise ValidationFailed("s3_bucket", "s3_bucket: S3 storage is not enabled on this service")
+            raise ValidationFailed(
+                "s3_bucket", "s3_bucket: S3 storage is not enabled on this service"
+            )
         if self.callback_kind is None:
             raise ValidationFailed(
-                "callback_url", "a callback is required: give callback_url or callback_type and callback_dst"
+                "callback_url",
+                "a callback is required: give callback_url or callback_type and callback_dst",
             )
         return self
 

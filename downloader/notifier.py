@@ -4,6 +4,7 @@ on the configured schedule, and reclaims what a dead notifier left unsettled (at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -124,10 +125,8 @@ class Notifier:
         _moved, next_ms = await self.storage.promote_callbacks()
         self._timer_kick.clear()
         wait_ms = 1000.0 if next_ms < 0 else max(1.0, min(float(next_ms), 1000.0))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._timer_kick.wait(), wait_ms / 1000)
-        except TimeoutError:
-            pass
 
     async def _spawn(self, entry_id: str, job_id: str) -> None:
         await self._slots.acquire()
@@ -145,7 +144,9 @@ class Notifier:
             await self._attempt(entry_id, job_id)
         except REDIS_DOWN as exc:
             # The entry stays pending; reclaim picks it up once Redis is back.
-            log.warning("redis down during a callback; it will be reclaimed", job_id=job_id, error=str(exc))
+            log.warning(
+                "redis down during a callback; it will be reclaimed", job_id=job_id, error=str(exc)
+            )
 
     async def _attempt(self, entry_id: str, job_id: str) -> None:
         job = await self.storage.callback_begin(job_id)
@@ -170,8 +171,10 @@ class Notifier:
             outcome, delay_ms = "delivered", int(self.cfg.deletion_interval * 60_000)
             self.successful += 1
         else:
-            delay_s = None if result.permanent else callback_retry_delay_s(
-                attempt, self.cfg.retry_schedule_seconds
+            delay_s = (
+                None
+                if result.permanent
+                else callback_retry_delay_s(attempt, self.cfg.retry_schedule_seconds)
             )
             data["delivery_error"] = result.error
             if delay_s is None:
@@ -185,4 +188,6 @@ class Notifier:
         await self.storage.callback_end(job_id, outcome, data, entry_id, delay_ms)
         if outcome == "retry":
             self._timer_kick.set()
-        log.debug("callback attempt", job_id=job_id, attempt=attempt, outcome=outcome, error=result.error)
+        log.debug(
+            "callback attempt", job_id=job_id, attempt=attempt, outcome=outcome, error=result.error
+        )

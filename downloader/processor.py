@@ -8,6 +8,7 @@ that runs out (the processor died) hands the job back to its queue."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
@@ -239,14 +240,17 @@ class Processor:
         try:
             result = await fetch(self._session, self._request(job, proxy), tmp)
             self.store.commit(tmp, job_id)
-            outcome, data = "succeeded", {
-                "attempt": attempt,
-                "response_code": result.response_code,
-                "download_url": self.store.url(job_id),
-                "file_mime_type": result.mime_type,
-                "file_bytes": result.size,
-                "image_size": result.image_size,
-            }
+            outcome, data = (
+                "succeeded",
+                {
+                    "attempt": attempt,
+                    "response_code": result.response_code,
+                    "download_url": self.store.url(job_id),
+                    "file_mime_type": result.mime_type,
+                    "file_bytes": result.size,
+                    "image_size": result.image_size,
+                },
+            )
             self.stats.responses[result.response_code] += 1
             metrics.DOWNLOAD_BYTES.inc(result.size)
         except (TransientError, PermanentError) as exc:
@@ -270,11 +274,14 @@ class Processor:
         except Exception as exc:  # a bug must not wedge the job: fail it, visibly
             discard(tmp)
             log.exception("download crashed", job_id=job_id)
-            outcome, data = "failed", {
-                "attempt": attempt,
-                "response_code": 0,
-                "error": f"Internal error: {type(exc).__name__}",
-            }
+            outcome, data = (
+                "failed",
+                {
+                    "attempt": attempt,
+                    "response_code": 0,
+                    "error": f"Internal error: {type(exc).__name__}",
+                },
+            )
         metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started)
         metrics.DOWNLOADS.labels(outcome).inc()
         if await self._record(job_id, outcome, data, retry_in_ms):
@@ -286,7 +293,9 @@ class Processor:
             else:
                 self.stats.successes += 1
 
-    async def _record(self, job_id: str, outcome: str, data: dict[str, Any], retry_in_ms: int) -> bool:
+    async def _record(
+        self, job_id: str, outcome: str, data: dict[str, Any], retry_in_ms: int
+    ) -> bool:
         """Write the outcome, riding out a short Redis outage while the lease lasts."""
         deadline = time.monotonic() + self.cfg.lease_ms / 1000
         delay = 0.05
@@ -298,7 +307,9 @@ class Processor:
                 return ok
             except REDIS_DOWN:
                 if time.monotonic() > deadline:
-                    log.warning("redis down past the lease; the job will be requeued", job_id=job_id)
+                    log.warning(
+                        "redis down past the lease; the job will be requeued", job_id=job_id
+                    )
                     return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -316,10 +327,8 @@ class Processor:
             await self.storage.reap_done(job_id)
         waits = [self.cfg.lease_ms / 2] + [ms for ms in (next_retry_ms, next_reap_ms) if ms >= 0]
         self._timer_kick.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._timer_kick.wait(), max(1, min(waits)) / 1000)
-        except TimeoutError:
-            pass
 
     async def _renew_step(self) -> None:
         await asyncio.sleep(self.cfg.lease_ms / 3000)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
@@ -127,7 +127,8 @@ def connect(config: Config) -> aioredis.Redis:
         for addr in rc.addr.split(","):
             host, _, port = addr.strip().rpartition(":")
             sentinels.append((host or "127.0.0.1", int(port)))
-        return Sentinel(sentinels, **common).master_for(rc.master_name)
+        sentinel: Any = Sentinel(sentinels, **common)  # type: ignore[no-untyped-call]
+        return cast(aioredis.Redis, sentinel.master_for(rc.master_name))
     host, _, port = rc.addr.rpartition(":")
     return aioredis.Redis(host=host or "127.0.0.1", port=int(port or 6379), **common)
 
@@ -152,7 +153,8 @@ class Storage:
     )
 
     def __init__(self, client: aioredis.Redis, config: Config) -> None:
-        self.r = client
+        # redis-py annotates replies as bytes | str | ...; with decode_responses=True they are str.
+        self.r: Any = client
         self.keys = Keys(config.redis.key_prefix)
         self._settings = json.dumps(
             {
@@ -219,7 +221,7 @@ class Storage:
     async def finish(
         self, job_id: str, owner: str, outcome: str, data: Mapping[str, Any], retry_in_ms: int = 0
     ) -> bool:
-        """Record a download outcome ('succeeded' | 'failed' | 'retry'); False if the lease was lost."""
+        """Record a download outcome (succeeded | failed | retry); False if the lease was lost."""
         res = await self._run("finish", job_id, owner, outcome, json.dumps(data), retry_in_ms)
         return bool(res[0] == "ok")
 
@@ -321,7 +323,13 @@ class Storage:
     ) -> str:
         return str(
             await self._run(
-                "callback_end", job_id, outcome, json.dumps(data), entry_id, CALLBACK_GROUP, delay_ms
+                "callback_end",
+                job_id,
+                outcome,
+                json.dumps(data),
+                entry_id,
+                CALLBACK_GROUP,
+                delay_ms,
             )
         )
 

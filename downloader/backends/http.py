@@ -27,12 +27,16 @@ class HttpBackend:
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.limit, socket_factory=self.policy.socket_factory())
+        connector = aiohttp.TCPConnector(
+            limit=self.limit, socket_factory=self.policy.socket_factory()
+        )
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=self.timeout, trust_env=False
         )
 
-    async def deliver(self, job_id: str, event_id: str, destination: str, payload: Payload) -> Delivery:
+    async def deliver(
+        self, job_id: str, event_id: str, destination: str, payload: Payload
+    ) -> Delivery:
         assert self.session is not None, "start() first"
         body = json.dumps(payload, separators=(",", ":"))
         headers = {"Content-Type": "application/json", "User-Agent": "downloader"}

@@ -29,6 +29,11 @@ def producer_config(properties: dict[str, Any]) -> dict[str, Any]:
     return {**_DEFAULTS, **properties}
 
 
+def _settle(future: asyncio.Future[str], reason: str) -> None:
+    if not future.done():
+        future.set_result(reason)
+
+
 class PollingProducer:
     """A confluent-kafka Producer whose delivery reports resolve asyncio futures."""
 
@@ -50,7 +55,7 @@ class PollingProducer:
             self.producer.poll(0.05)
 
     async def produce(
-        self, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]]
+        self, topic: str, key: str, value: bytes, headers: list[tuple[str, str | bytes | None]]
     ) -> str:
         """Produce one message and wait for its delivery report: '' when delivered, else why not."""
         assert self.producer is not None, "start() first"
@@ -59,7 +64,7 @@ class PollingProducer:
 
         def report(err: KafkaError | None, _msg: Message) -> None:
             reason = "" if err is None else f"{err.name()}: {err.str()}"
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(reason))
+            loop.call_soon_threadsafe(_settle, done, reason)
 
         try:
             self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
@@ -92,7 +97,9 @@ class KafkaBackend:
     async def start(self) -> None:
         await asyncio.to_thread(self.producer.start)
 
-    async def deliver(self, job_id: str, event_id: str, destination: str, payload: Payload) -> Delivery:
+    async def deliver(
+        self, job_id: str, event_id: str, destination: str, payload: Payload
+    ) -> Delivery:
         value = json.dumps(payload, separators=(",", ":")).encode()
         error = await self.producer.produce(
             destination, job_id, value, [("event-id", event_id.encode())]
