@@ -49,6 +49,20 @@ def make_backends(config: Config) -> dict[str, Backend]:
     return backends
 
 
+def make_notifier(config: Config, storage: Storage, instance: str) -> Notifier:
+    """A notifier with the configured backends, exporting events when events.kafka_topic is set."""
+    backends = make_backends(config)
+    exporter = None
+    if config.events.kafka_topic:
+        from downloader.backends.kafka import KafkaBackend
+        from downloader.exporter import EventExporter
+
+        kafka = backends["kafka"]
+        assert isinstance(kafka, KafkaBackend)
+        exporter = EventExporter(storage, kafka.producer, config.events.kafka_topic, instance)
+    return Notifier(config, storage, instance, backends, exporter)
+
+
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -111,7 +125,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
         if "processor" in roles:
             tasks.append(Processor(config, storage, instance).run(stop))
         if "notifier" in roles:
-            tasks.append(Notifier(config, storage, instance, make_backends(config)).run(stop))
+            tasks.append(make_notifier(config, storage, instance).run(stop))
         await asyncio.gather(*tasks)
     return 0
 

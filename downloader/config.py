@@ -147,6 +147,12 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     events: EventsConfig = EventsConfig()
 
+    @model_validator(mode="after")
+    def _export_needs_kafka(self) -> Config:
+        if self.events.kafka_topic and self.backends.kafka is None:
+            raise ValueError("events.kafka_topic needs backends.kafka (the producer settings)")
+        return self
+
 
 def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
     """`DOWNLOADER__SECTION__KEY=value` sets `section.key`; a value that parses as JSON is JSON."""

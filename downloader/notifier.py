@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from downloader import metrics
 from downloader.backends import Backend, Delivery, Payload
 from downloader.backoff import callback_retry_delay_s
 from downloader.config import Config
+from downloader.exporter import EventExporter
 from downloader.heartbeat import publish_stats
 from downloader.log import get_logger
 from downloader.resilience import REDIS_DOWN, forever
@@ -41,7 +43,12 @@ def callback_payload(job: dict[str, str]) -> Payload:
 
 class Notifier:
     def __init__(
-        self, config: Config, storage: Storage, instance: str, backends: dict[str, Backend]
+        self,
+        config: Config,
+        storage: Storage,
+        instance: str,
+        backends: dict[str, Backend],
+        exporter: EventExporter | None = None,
     ) -> None:
         if not backends:
             raise ValueError("no callback backend configured (backends.http or backends.kafka)")
@@ -49,6 +56,7 @@ class Notifier:
         self.storage = storage
         self.consumer = instance
         self.backends = backends
+        self.exporter = exporter
         self.successful = 0
         self.failed = 0
         self.retried = 0
@@ -68,19 +76,22 @@ class Notifier:
     async def run(self, stop: asyncio.Event) -> None:
         for backend in self.backends.values():
             await backend.start()
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("consume", self._consume_step),
+            ("reclaim", self._reclaim_step),
+            ("timer", self._timer_step),
+            (
+                "stats",
+                lambda: publish_stats(
+                    self.storage, "notifier", self.consumer, self.stats, self.cfg.stats_interval
+                ),
+            ),
+        ]
+        if self.exporter is not None:
+            steps.append(("export", self.exporter.step))
         loops = [
             asyncio.create_task(forever(name, step, lambda: self._stopping), name=name)
-            for name, step in (
-                ("consume", self._consume_step),
-                ("reclaim", self._reclaim_step),
-                ("timer", self._timer_step),
-                (
-                    "stats",
-                    lambda: publish_stats(
-                        self.storage, "notifier", self.consumer, self.stats, self.cfg.stats_interval
-                    ),
-                ),
-            )
+            for name, step in steps
         ]
         log.info("notifier started", instance=self.consumer, backends=sorted(self.backends))
         try:

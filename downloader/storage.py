@@ -94,6 +94,10 @@ class Keys:
     def instances(self) -> str:
         return self._k("instances")
 
+    @property
+    def export_position(self) -> str:
+        return self._k("export:position")
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -150,6 +154,7 @@ class Storage:
         "callback_requeue",
         "reap",
         "rebuild",
+        "export_commit",
     )
 
     def __init__(self, client: aioredis.Redis, config: Config) -> None:
@@ -343,6 +348,22 @@ class Storage:
     async def requeue_callback(self, job_id: str) -> tuple[str, str]:
         res = await self._run("callback_requeue", job_id)
         return str(res[0]), str(res[1]) if len(res) > 1 else ""
+
+    # -- event export -------------------------------------------------------------------------
+
+    async def export_hold(self, owner: str, position: str, lock_ms: int) -> bool:
+        """Take or renew the exporter lock, recording `position` ('' = keep); False if taken."""
+        return bool(await self._run("export_commit", owner, position, lock_ms))
+
+    async def export_position(self) -> str:
+        return str(await self.r.get(self.keys.export_position) or "0-0")
+
+    async def read_events(
+        self, after: str, count: int, block_ms: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Entries of the global event stream after `after`."""
+        res = await self.r.xread({self.keys.events: after}, count=count, block=block_ms)
+        return [(eid, fields) for _s, entries in res or [] for eid, fields in entries]
 
     # -- instances and stats ------------------------------------------------------------------
 

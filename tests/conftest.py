@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from downloader.api import build_app
-from downloader.cli import make_backends
+from downloader.cli import make_notifier
 from downloader.config import Config, load_config
 from downloader.embedded import EmbeddedRedis
 from downloader.heartbeat import new_instance_id
@@ -131,7 +131,7 @@ class Service:
             self.processor = Processor(self.config, self.storage, new_instance_id())
             self.tasks.append(asyncio.create_task(self.processor.run(self.stop)))
         if "notifier" in self.roles:
-            self.notifier = Notifier(self.config, self.storage, new_instance_id(), make_backends(self.config))
+            self.notifier = make_notifier(self.config, self.storage, new_instance_id())
             self.tasks.append(asyncio.create_task(self.notifier.run(self.stop)))
         self.http = aiohttp.ClientSession()
         return self

@@ -25,6 +25,8 @@ KEY.retries = string.format(TEMPLATE, 'retries')
 KEY.callbacks = string.format(TEMPLATE, 'callbacks')
 KEY.callback_retries = string.format(TEMPLATE, 'callback-retries')
 KEY.reap = string.format(TEMPLATE, 'reap')
+KEY.export_lock = string.format(TEMPLATE, 'export:lock')
+KEY.export_position = string.format(TEMPLATE, 'export:position')
 
 local NOW
 local function now_ms()
