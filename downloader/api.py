@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -118,11 +119,26 @@ async def post_download(request: web.Request) -> web.Response:
     req = parse_download_request(body)
     config = request.app[CONFIG]
     fields = req.job_fields(config.processor.max_retries)
+    key = _idempotency_key(request)
+    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    window_ms = int(config.api.idempotency_window_seconds * 1000)
     while True:
-        job_id = new_job_id()
-        status, detail = await request.app[STORAGE].enqueue(job_id, fields)
+        status, detail = await request.app[STORAGE].enqueue(
+            new_job_id(), fields, key, fingerprint, window_ms
+        )
         if status == "ok":
+            job_id = detail
             break
+        if status == "replayed":
+            return web.json_response(
+                {"id": detail}, status=201, headers={"Idempotent-Replayed": "true"}
+            )
+        if status == "key_conflict":
+            raise ValidationFailed(
+                "Idempotency-Key",
+                f"Idempotency-Key was already used for job {detail} with a different request",
+                status=422,
+            )
         if status == "proxy_conflict":
             raise ValidationFailed(
                 "aggr_proxy",
@@ -134,9 +150,37 @@ async def post_download(request: web.Request) -> web.Response:
     return web.json_response({"id": job_id}, status=201)
 
 
+def _idempotency_key(request: web.Request) -> str:
+    key = request.headers.get("Idempotency-Key", "")
+    if len(key) > 255 or any(not (32 < ord(c) < 127) for c in key):
+        raise ValidationFailed(
+            "Idempotency-Key", "Idempotency-Key must be at most 255 printable ASCII characters"
+        )
+    return key
+
+
+async def abort_job(request: web.Request) -> web.Response:
+    """DELETE /jobs/{id}: cancel a pending or running download; a failure callback follows."""
+    job_id = request.match_info["job_id"]
+    if not is_job_id(job_id):
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    status, detail = await request.app[STORAGE].abort(job_id, "cancelled by request")
+    if status == "unknown":
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    if status == "finished":
+        return _error(409, f"the download of job {job_id} already ended ({detail})", field="job_id")
+    return web.json_response({"id": job_id, "download_state": "Failed", "event_id": detail})
+
+
 async def heartbeat(request: web.Request) -> web.Response:
+    """200 OK; 503 while the heartbeat file exists (drained) or Redis does not answer."""
     if await asyncio.to_thread(os.path.exists, request.app[CONFIG].api.heartbeat_path):
         return web.Response(status=503, text="disabled")
+    try:
+        async with asyncio.timeout(1):
+            await request.app[STORAGE].ping()
+    except (TimeoutError, *REDIS_DOWN):
+        return web.Response(status=503, text="storage unavailable")
     return web.Response(text="OK")
 
 
@@ -223,6 +267,12 @@ async def get_events(request: web.Request) -> web.Response:
     )
 
 
+async def recent_failures(request: web.Request) -> web.Response:
+    """The latest failed downloads and callbacks, from the tail of the global event stream."""
+    rows = await request.app[STORAGE].recent_events(("download.failed", "callback.failed"), 20)
+    return web.json_response([parse_event(eid, f).as_json() for eid, f in rows])
+
+
 async def prometheus(_request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -246,9 +296,11 @@ def build_app(config: Config, storage: Storage, serve_files: bool = False) -> we
     app.router.add_get("/dashboard/aggregations", aggregations)
     app.router.add_get("/dashboard/aggregations/details", aggregation_details)
     app.router.add_get("/dashboard/instances", instances)
+    app.router.add_get("/dashboard/failures", recent_failures)
     app.router.add_get("/stats/processor", processor_stats)
     app.router.add_get("/stats/notifier", notifier_stats)
     app.router.add_get("/jobs/{job_id}", get_job)
+    app.router.add_delete("/jobs/{job_id}", abort_job)
     app.router.add_get("/jobs/{job_id}/events", get_events)
     app.router.add_get("/metrics", prometheus)
     app.router.add_get("/", dashboard)

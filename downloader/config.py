@@ -38,6 +38,8 @@ class ApiConfig(_Section):
     heartbeat_path: str = "/tmp/disable-downloader"
     max_body_bytes: int = Field(64 * 1024, gt=0)
     tokens: list[str] = []
+    idempotency_window_seconds: float = Field(86_400.0, gt=0)
+    """How long an Idempotency-Key maps to its job."""
     serve_files: bool = False
     """Serve the file store under /files/ (for `make run`; use a real web server in production)."""
 

@@ -25,6 +25,7 @@ __all__ = [
     "DownloadStarted",
     "DownloadSucceeded",
     "FileDeleted",
+    "JobAborted",
     "JobAccepted",
     "JobEvent",
     "parse_event",
@@ -100,6 +101,13 @@ class DownloadFailed(JobEvent):
     file_mime_type: str = ""
 
 
+class JobAborted(JobEvent):
+    """DELETE /jobs/{id}: the download was cancelled; a failure callback follows."""
+
+    type: ClassVar[str] = "job.aborted"
+    reason: str
+
+
 class CallbackAttempted(JobEvent):
     type: ClassVar[str] = "callback.attempted"
     attempt: int
@@ -142,6 +150,7 @@ EVENT_TYPES: dict[str, type[JobEvent]] = {
         DownloadRetryScheduled,
         DownloadSucceeded,
         DownloadFailed,
+        JobAborted,
         CallbackAttempted,
         CallbackRetryScheduled,
         CallbackDelivered,

@@ -157,7 +157,11 @@ class Processor:
         next_rescan = time.monotonic() + self.cfg.rescan_interval_ms / 1000
         while not self._stopping:
             block_ms = max(1, int((next_rescan - time.monotonic()) * 1000))
-            position, aggrs = await self.storage.read_wakes(position, block_ms)
+            position, aggrs, aborted = await self.storage.read_wakes(position, block_ms)
+            for job_id in aborted:
+                if (task := self._active.get(job_id)) is not None:
+                    log.info("download aborted by request", job_id=job_id)
+                    task.cancel()
             if aggrs:
                 self._hot.update(dict.fromkeys(aggrs))
                 self._kick.set()

@@ -155,6 +155,7 @@ class Storage:
         "reap",
         "rebuild",
         "export_commit",
+        "abort",
     )
 
     def __init__(self, client: aioredis.Redis, config: Config) -> None:
@@ -185,9 +186,17 @@ class Storage:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    async def enqueue(self, job_id: str, fields: Mapping[str, Any]) -> tuple[str, str]:
-        """Accept a job. Returns (status, detail): ('ok', event id) | ('exists', '') |
-        ('proxy_conflict', the aggregation's proxy)."""
+    async def enqueue(
+        self,
+        job_id: str,
+        fields: Mapping[str, Any],
+        idempotency_key: str = "",
+        fingerprint: str = "",
+        window_ms: int = 0,
+    ) -> tuple[str, str]:
+        """Accept a job. Returns (status, detail): ('ok', job id) | ('exists', '') |
+        ('proxy_conflict', the aggregation's proxy) | ('replayed', job id) |
+        ('key_conflict', job id)."""
         res = await self._run(
             "enqueue",
             job_id,
@@ -195,7 +204,16 @@ class Storage:
             fields["aggr_limit"],
             fields["aggr_proxy"],
             json.dumps(fields, separators=(",", ":")),
+            idempotency_key,
+            fingerprint,
+            window_ms,
         )
+        return str(res[0]), str(res[1]) if len(res) > 1 else ""
+
+    async def abort(self, job_id: str, reason: str) -> tuple[str, str]:
+        """Cancel a pending or running download: ('ok', event id) | ('unknown', '') |
+        ('finished', download_state)."""
+        res = await self._run("abort", job_id, reason)
         return str(res[0]), str(res[1]) if len(res) > 1 else ""
 
     async def get_job(self, job_id: str) -> dict[str, str] | None:
@@ -252,15 +270,19 @@ class Storage:
         last = await self.r.xrevrange(self.keys.wake, count=1)
         return str(last[0][0]) if last else "0-0"
 
-    async def read_wakes(self, after: str, block_ms: int) -> tuple[str, set[str]]:
-        """Block until an aggregation may have work; returns (new position, aggregation ids)."""
+    async def read_wakes(self, after: str, block_ms: int) -> tuple[str, set[str], set[str]]:
+        """Block until an aggregation may have work or a job was aborted; returns
+        (new position, aggregation ids, aborted job ids)."""
         res = await self.r.xread({self.keys.wake: after}, count=1000, block=block_ms)
         aggrs: set[str] = set()
+        aborted: set[str] = set()
         for _stream, entries in res or []:
             for entry_id, fields in entries:
                 after = entry_id
                 aggrs.add(fields["a"])
-        return after, aggrs
+                if "abort" in fields:
+                    aborted.add(fields["abort"])
+        return after, aggrs, aborted
 
     async def pending_aggregations(self, limit: int = 100_000) -> list[tuple[str, int]]:
         """Aggregations with jobs in their ready queue, from the registry (no key scan)."""
@@ -364,6 +386,13 @@ class Storage:
         """Entries of the global event stream after `after`."""
         res = await self.r.xread({self.keys.events: after}, count=count, block=block_ms)
         return [(eid, fields) for _s, entries in res or [] for eid, fields in entries]
+
+    async def recent_events(
+        self, types: Sequence[str], limit: int, scan: int = 2000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """The newest events of the given types among the last `scan` of the global stream."""
+        rows = await self.r.xrevrange(self.keys.events, count=scan)
+        return [(eid, f) for eid, f in rows if f.get("type") in types][:limit]
 
     # -- instances and stats ------------------------------------------------------------------
 

@@ -146,6 +146,11 @@ class Service:
         async with self.http.get(self.base_url + path, **kw) as r:
             return r.status, await r.json(content_type=None)
 
+    async def http_delete(self, path: str) -> tuple[int, Any]:
+        assert self.http is not None
+        async with self.http.delete(self.base_url + path) as r:
+            return r.status, await r.json(content_type=None)
+
     async def submit(self, **body: Any) -> str:
         status, data = await self.post("/download", body)
         assert status == 201, data

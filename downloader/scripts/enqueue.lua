@@ -1,10 +1,21 @@
 -- enqueue.lua: accept a new job (POST /download) in one step.
--- ARGV: job_id, aggr_id, aggr_limit, aggr_proxy ('' for none), job.accepted data (JSON)
+-- ARGV: job_id, aggr_id, aggr_limit, aggr_proxy ('' for none), job.accepted data (JSON),
+--   idempotency key ('' for none), request fingerprint, idempotency window ms
 -- Keys touched: job:{id} (projection, created), job:{id}:events, events (global stream),
 --   aggr:{a} (hash: limit, proxy, jobs = unfinished downloads), aggr:{a}:ready (list, RPUSH),
---   aggregations (zset: aggr -> ready size), wake (stream that wakes processors).
--- Returns: {'ok', event_id} | {'exists'} (id collision) | {'proxy_conflict', existing_proxy}
+--   aggregations (zset: aggr -> ready size), wake (stream that wakes processors),
+--   idem:{key} (hash: job_id, fingerprint; expires after the window).
+-- Returns: {'ok', job_id} | {'exists'} (id collision) | {'proxy_conflict', existing_proxy} |
+--   {'replayed', job_id} (same key, same request) | {'key_conflict', job_id} (same key, other request)
 local job_id, aggr_id, limit, proxy, data = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local idem_key, fingerprint, window_ms = ARGV[6], ARGV[7], tonumber(ARGV[8])
+
+if idem_key ~= '' then
+  local seen = redis.call('HMGET', KEY.idempotency(idem_key), 'job_id', 'fingerprint')
+  if seen[1] then
+    return {seen[2] == fingerprint and 'replayed' or 'key_conflict', seen[1]}
+  end
+end
 
 if redis.call('EXISTS', KEY.job(job_id)) == 1 then return {'exists'} end
 local aggr_key = KEY.aggr(aggr_id)
@@ -13,8 +24,12 @@ if current and current ~= proxy then return {'proxy_conflict', current} end
 
 redis.call('HSET', aggr_key, 'limit', limit, 'proxy', proxy)
 redis.call('HINCRBY', aggr_key, 'jobs', 1)
-local event_id = emit(job_id, 'job.accepted', data)
+emit(job_id, 'job.accepted', data)
 redis.call('RPUSH', KEY.ready(aggr_id), job_id)
 touch_registry(aggr_id)
 wake(aggr_id)
-return {'ok', event_id}
+if idem_key ~= '' then
+  redis.call('HSET', KEY.idempotency(idem_key), 'job_id', job_id, 'fingerprint', fingerprint)
+  redis.call('PEXPIRE', KEY.idempotency(idem_key), window_ms)
+end
+return {'ok', job_id}

@@ -16,6 +16,7 @@ function KEY.job_events(id) return string.format(TEMPLATE, 'job:{' .. id .. '}:e
 function KEY.aggr(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}') end
 function KEY.ready(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:ready') end
 function KEY.inflight(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:inflight') end
+function KEY.idempotency(k) return string.format(TEMPLATE, 'idem:{' .. k .. '}') end
 KEY.events = string.format(TEMPLATE, 'events')
 KEY.aggregations = string.format(TEMPLATE, 'aggregations')
 KEY.wake = string.format(TEMPLATE, 'wake')
@@ -92,6 +93,10 @@ local function fold(job_id, etype, ts, event_id, d)
     f.response_code = d.response_code
     f.error = d.error
     f.file_mime_type = d.file_mime_type or ''
+  elseif etype == 'job.aborted' then
+    f.download_state = 'Failed'
+    f.outcome_event_id = event_id
+    f.error = 'Aborted: ' .. d.reason
   elseif etype == 'callback.attempted' then
     f.callback_state = 'InProgress'
     f.callback_attempts = d.attempt

@@ -1,0 +1,126 @@
+"""Processor behaviour that needs no second process: leases, disk health, file reaping."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tests.conftest import Service
+from tests.servers import CallbackReceiver, FileServer, free_port
+
+
+class SlowOrigin:
+    """An origin that sends its body in slices over `seconds`."""
+
+    def __init__(self, body: bytes, seconds: float) -> None:
+        self.body, self.seconds, self.requests = body, seconds, 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        resp = web.StreamResponse()
+        resp.content_length = len(self.body)
+        await resp.prepare(request)
+        step = len(self.body) // 10
+        for i in range(10):
+            await resp.write(self.body[i * step : (i + 1) * step if i < 9 else None])
+            await asyncio.sleep(self.seconds / 10)
+        return resp
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/slow", self.handle)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}/slow"
+
+
+def body(url: str, receiver: CallbackReceiver, **extra: Any) -> dict[str, Any]:
+    return {"aggr_id": "p", "aggr_limit": 2, "url": url, "callback_url": receiver.url("/cb"), **extra}
+
+
+async def test_a_download_longer_than_its_lease_keeps_it(
+    service: Service, receiver: CallbackReceiver
+) -> None:
+    """The lease (1 s in tests) is renewed while a 2.5 s download runs: no requeue, one attempt."""
+    origin = SlowOrigin(b"z" * 100_000, 2.5)
+    try:
+        job_id = await service.submit(**body(await origin.start(), receiver))
+        [cb] = await receiver.wait_for(job_id, timeout=15)
+        assert cb["success"] is True
+        _, events = await service.get(f"/jobs/{job_id}/events")
+        types = [e["type"] for e in events["events"]]
+        assert "download.requeued" not in types
+        assert types.count("download.started") == 1
+        assert origin.requests == 1
+    finally:
+        await origin.runner.cleanup()
+
+
+async def test_a_full_disk_pauses_the_processor_and_room_resumes_it(
+    service_factory: Any, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """Over disk_pause_percent no job is taken; a processor with room takes the waiting job."""
+    full = await service_factory(
+        {"processor": {"disk_pause_percent": 0.001, "disk_resume_percent": 0.0005}},
+        {"api", "processor", "notifier"},
+    )
+    for _ in range(100):
+        _, stats = await full.get("/stats/processor")
+        if stats.get("paused") == 1:
+            break
+        await asyncio.sleep(0.05)  # the stats publication is periodic (100 ms)
+    assert stats["paused"] == 1
+    job_id = await full.submit(**body(files.add("/f", b"data"), receiver))
+    await asyncio.sleep(0.5)  # give a (wrongly) working processor time to take it
+    assert (await full.job(job_id))["download_state"] == "Pending"
+    assert files.count("/f") == 0
+    await service_factory(None, {"processor"})  # a processor whose disk has room
+    [cb] = await receiver.wait_for(job_id)
+    assert cb["success"] is True
+
+
+async def test_delivered_files_are_deleted_after_the_interval(
+    service: Service, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """deletion_interval (300 ms in tests) after the callback, the file is gone: file.deleted."""
+    job_id = await service.submit(**body(files.add("/d", b"delete me"), receiver))
+    await receiver.wait_for(job_id)
+    path = Path(service.config.processor.storage_dir) / job_id[:3] / job_id
+    job = await service.wait_job(job_id, lambda j: j["file_state"] == "deleted")
+    assert not path.exists()
+    assert job["download_url"].endswith(job_id)
+
+
+async def test_aggregation_limit_is_respected_within_one_processor(
+    service: Service, receiver: CallbackReceiver
+) -> None:
+    """aggr_limit 2 with 6 slow jobs: never more than 2 downloads in flight."""
+    in_flight = 0
+    peak = 0
+
+    async def handle(_request: web.Request) -> web.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.1)
+        in_flight -= 1
+        return web.Response(body=b"ok")
+
+    app = web.Application()
+    app.router.add_get("/c", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        ids = [await service.submit(**body(f"http://127.0.0.1:{port}/c", receiver)) for _ in range(6)]
+        for job_id in ids:
+            await receiver.wait_for(job_id)
+        assert peak == 2
+    finally:
+        await runner.cleanup()
