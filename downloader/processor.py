@@ -156,7 +156,7 @@ class Processor:
         await self._rescan()
         next_rescan = time.monotonic() + self.cfg.rescan_interval_ms / 1000
         while not self._stopping:
-            block_ms = max(1, int((next_rescan - time.monotonic()) * 1000))
+            block_ms = max(1, min(5000, int((next_rescan - time.monotonic()) * 1000)))
             position, aggrs, aborted = await self.storage.read_wakes(position, block_ms)
             for job_id in aborted:
                 if (task := self._active.get(job_id)) is not None:

@@ -1,0 +1,114 @@
+"""Redis outages: a restart loses nothing, an outage gets 503s (never hangs) and everyone resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from downloader.embedded import EmbeddedRedis
+from tests.servers import CallbackReceiver, FileServer, free_port
+
+
+class DurableRedis(EmbeddedRedis):
+    """A private redis-server that fsyncs its AOF on every write, so SIGKILL loses nothing."""
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        super().start(timeout_s)
+        import redis
+
+        redis.Redis(host=self.host, port=self.port).config_set("appendfsync", "always")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[DurableRedis]:
+    server = DurableRedis(tmp_path / "redis", "127.0.0.1", free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def job(url: str, receiver: CallbackReceiver, aggr: str = "o") -> dict[str, Any]:
+    return {"aggr_id": aggr, "aggr_limit": 5, "url": url, "callback_url": receiver.url("/cb")}
+
+
+async def test_redis_killed_and_restarted_mid_run_loses_nothing(
+    own_redis: DurableRedis, service_factory: Any, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """SIGKILL of Redis (AOF, fsync always) mid-run: processes reconnect, every job calls back."""
+    svc = await service_factory({"redis": {"addr": own_redis.addr}})
+    url = files.add("/r", b"payload")
+    first = [await svc.submit(**job(url, receiver)) for _ in range(20)]
+    own_redis.kill()
+    await asyncio.sleep(0.3)  # an outage long enough for every loop to notice
+    own_redis.start()
+    second = [await svc.submit(**job(url, receiver)) for _ in range(20)]
+    for job_id in first + second:
+        [cb] = (await receiver.wait_for(job_id, timeout=20))[:1]
+        assert cb["success"] is True
+
+
+async def test_outage_answers_503_fast_and_hb_reports_it(
+    own_redis: DurableRedis, service_factory: Any, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """While Redis is down POST /download is 503 with Retry-After within 2 s, /hb is 503; both recover."""
+    svc = await service_factory({"redis": {"addr": own_redis.addr}})
+    url = files.add("/o", b"payload")
+    own_redis.kill()
+    assert svc.http is not None
+    started = time.monotonic()
+    async with svc.http.post(svc.base_url + "/download", json=job(url, receiver)) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert "unavailable" in (await resp.json())["error"]
+    assert time.monotonic() - started < 2
+    async with svc.http.get(svc.base_url + "/hb") as resp:
+        assert resp.status == 503
+    own_redis.start()
+    job_id = await svc.submit(**job(url, receiver))
+    [cb] = await receiver.wait_for(job_id, timeout=20)
+    assert cb["success"] is True
+    async with svc.http.get(svc.base_url + "/hb") as resp:
+        assert resp.status == 200
+
+
+async def test_slow_callback_receiver_does_not_block_other_callbacks(
+    service_factory: Any, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """A receiver that never answers trips backends.http.timeout; other callbacks still flow."""
+    hang = aiohttp.web.Application()
+
+    async def never(_request: aiohttp.web.Request) -> aiohttp.web.Response:
+        await asyncio.sleep(3600)
+        return aiohttp.web.Response()
+
+    hang.router.add_post("/", never)
+    runner = aiohttp.web.AppRunner(hang, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    port = free_port()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        svc = await service_factory({"backends": {"http": {"timeout": 0.5}}})
+        url = files.add("/s", b"x")
+        stuck = await svc.submit(
+            aggr_id="stuck", aggr_limit=1, url=url, callback_url=f"http://127.0.0.1:{port}/"
+        )
+        others = [await svc.submit(**job(url, receiver, aggr=f"a{i}")) for i in range(10)]
+        for job_id in others:
+            await receiver.wait_for(job_id, timeout=5)
+        failed = await svc.wait_job(stuck, lambda j: j["callback_state"] == "Failed", timeout=10)
+        assert failed["delivery_error"] == "No answer within 0.5 s"
+        assert failed["callback_attempts"] == 3
+    finally:
+        await runner.cleanup()
