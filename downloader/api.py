@@ -84,10 +84,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(
+        resp = _error(
             exc.status,
             exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason,
         )
+        if "Allow" in exc.headers:  # a 405 must say which methods are allowed (RFC 9110)
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except REDIS_DOWN as exc:
         log.warning("redis unavailable", path=request.path, error=str(exc))
         resp = _error(503, "storage is unavailable, retry shortly")
@@ -116,6 +119,8 @@ async def post_download(request: web.Request) -> web.Response:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationFailed("body", f"the body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValidationFailed("body", "the body is nested too deeply") from None
     req = parse_download_request(body)
     config = request.app[CONFIG]
     fields = req.job_fields(config.processor.max_retries)

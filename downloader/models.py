@@ -181,6 +181,10 @@ def parse_download_request(body: Any) -> DownloadRequest:
     """Validate a decoded JSON body; raises ValidationFailed naming the first bad field."""
     if not isinstance(body, dict):
         raise ValidationFailed("body", "the body must be a JSON object")
+    for key, value in body.items():
+        if not _is_unicode(key) or not _is_unicode(value):
+            name = key.encode("utf-8", "backslashreplace").decode()
+            raise ValidationFailed(name, f"{name} must be valid Unicode text (no lone surrogates)")
     try:
         return DownloadRequest.model_validate(body)
     except ValidationFailed:
@@ -200,6 +204,20 @@ def parse_download_request(body: Any) -> DownloadRequest:
             ) from None
         words = _TYPE_WORDS.get(err["type"]) or _predicate(err["msg"])
         raise ValidationFailed(field, f"{field} {words}") from None
+
+
+def _is_unicode(value: Any, depth: int = 1) -> bool:
+    """False if a string in `value` holds a lone surrogate: JSON lets "\\ud800" through,
+    UTF-8 (redis-py, Lua cjson) does not. Looks one object deep (request_headers): the
+    model's types reject anything deeper, and no recursion means no stack limit to hit."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    elif isinstance(value, dict) and depth > 0:
+        return all(_is_unicode(k, 0) and _is_unicode(v, 0) for k, v in value.items())
+    return True
 
 
 def _predicate(msg: str) -> str:

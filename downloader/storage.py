@@ -41,8 +41,8 @@ class Keys:
     def job_events(self, job_id: str) -> str:
         return self._k(f"job:{{{job_id}}}:events")
 
-    def job_pattern(self) -> str:
-        return self._k("job:{*}")
+    def job_events_pattern(self) -> str:
+        return self._k("job:{*}:events")
 
     def aggr(self, aggr_id: str) -> str:
         return self._k(f"aggr:{{{aggr_id}}}")
@@ -233,12 +233,12 @@ class Storage:
         return int(await self._run("rebuild", job_id))
 
     async def scan_job_ids(self, count: int = 1000) -> list[str]:
-        """Every job id (SCAN: for the rebuild command, never on a request path)."""
-        prefix = self.keys.job("")[:-2]
+        """Every job that has events (SCAN of the event streams: for `rebuild`, which must find
+        jobs whose projection is gone; never on a request path)."""
+        head, tail = self.keys.job_events("\0").split("\0")
         ids = []
-        async for key in self.r.scan_iter(match=self.keys.job_pattern(), count=count):
-            if key.endswith("}"):
-                ids.append(key[len(prefix) + 1 : -1])
+        async for key in self.r.scan_iter(match=self.keys.job_events_pattern(), count=count):
+            ids.append(key[len(head) : -len(tail)])
         return ids
 
     # -- processor ----------------------------------------------------------------------------

@@ -171,6 +171,19 @@ INVALID_BODIES = [
     pytest.param(b"{not json", "body", id="body-not-json"),
     pytest.param(b"", "body", id="body-empty"),
     pytest.param(b'{"aggr_id": "\xff"}', "body", id="body-not-utf8"),
+    pytest.param(b"[" * 5000 + b"]" * 5000, "body", id="body-deeply-nested"),
+    pytest.param(
+        as_json(valid_body())[:-1] + b', "extra": ' + b"[" * 500 + b"]" * 500 + b"}",
+        "extra",
+        id="extra-nested-500-deep",
+    ),
+    pytest.param(as_json(valid_body(extra="\ud800")), "extra", id="extra-lone-surrogate"),
+    pytest.param(as_json(valid_body(url="http://o.test/\ud800")), "url", id="url-lone-surrogate"),
+    pytest.param(
+        as_json(valid_body(request_headers={"X-A": "\udfff"})),
+        "request_headers",
+        id="header-value-lone-surrogate",
+    ),
 ]
 
 
@@ -214,11 +227,17 @@ async def test_body_over_max_body_bytes_is_413_json(
     assert fits == 201
 
 
-async def test_wrong_method_is_405_and_unknown_path_404_json(api: Service) -> None:
-    """GET /download answers 405 JSON, an unknown path 404 JSON."""
-    status, content_type, raw = await request(api, "GET", "/download")
-    assert (status, content_type) == (405, "application/json")
-    assert json.loads(raw)["error"]
+async def test_wrong_method_is_405_json(api: Service) -> None:
+    """GET /download answers 405 JSON with the Allow header HTTP requires (RFC 9110 15.5.6)."""
+    assert api.http is not None
+    async with api.http.get(api.base_url + "/download") as r:
+        assert (r.status, r.content_type) == (405, "application/json")
+        assert json.loads(await r.read())["error"]
+        assert "POST" in r.headers.get("Allow", ""), dict(r.headers)
+
+
+async def test_unknown_path_is_404_json(api: Service) -> None:
+    """An unknown path answers 404 JSON."""
     status, content_type, raw = await request(api, "GET", "/no/such/path")
     assert (status, content_type) == (404, "application/json")
     assert json.loads(raw)["error"]
@@ -341,6 +360,25 @@ async def test_stats_count_workers_failures_responses_and_callbacks(
     assert (notif["successfulCallbacks"], notif["failedCallbacks"]) == (3, 1)
 
 
+async def test_stats_are_summed_over_processor_instances(
+    service_factory: ServiceFactory, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """/stats/processor adds up the counters of every live processor instance."""
+    svc = await service_factory(None, {"api", "notifier"})
+    await service_factory(None, {"processor"})
+    await service_factory(None, {"processor"})
+    url = files.add("/m", b"many")
+    ids = [await svc.submit(**job_body(url, receiver, aggr_id=f"m{i}")) for i in range(6)]
+    for job_id in ids:
+        await receiver.wait_for(job_id)
+    proc = await poll_stats(
+        svc, "processor", lambda s: s["instances"] == 2 and s["spawnedWorkers"] == 6
+    )
+    assert proc["download.response.200"] == 6
+    assert proc["spawnedWorkerPools"] == 6
+    assert (proc["workers"], proc["workerPools"], proc["failures"]) == (0, 0, 0)
+
+
 def parse_utc(value: str) -> datetime:
     ts = datetime.fromisoformat(value)
     assert ts.utcoffset() == timedelta(0), value
@@ -427,7 +465,11 @@ PROTECTED = [
     ("GET", f"/jobs/{UNKNOWN_ID}"),
     ("GET", f"/jobs/{UNKNOWN_ID}/events"),
     ("POST", f"/retry/{UNKNOWN_ID}"),
+    ("DELETE", f"/jobs/{UNKNOWN_ID}"),
     ("GET", "/dashboard/aggregations"),
+    ("GET", "/dashboard/aggregations/details"),
+    ("GET", "/dashboard/instances"),
+    ("GET", "/dashboard/failures"),
     ("GET", "/stats/processor"),
     ("GET", "/stats/notifier"),
     ("GET", "/metrics"),

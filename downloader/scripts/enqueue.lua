@@ -17,6 +17,7 @@ if idem_key ~= '' then
   end
 end
 
+cjson.decode(data)  -- fails before any write if the document is not valid JSON for Lua
 if redis.call('EXISTS', KEY.job(job_id)) == 1 then return {'exists'} end
 local aggr_key = KEY.aggr(aggr_id)
 local current = redis.call('HGET', aggr_key, 'proxy')

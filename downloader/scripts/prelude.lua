@@ -134,6 +134,7 @@ end
 -- Append one event to the job's stream and the global stream, and fold it into the projection.
 -- `data_json` is the event's data as JSON text (kept verbatim); returns the event id.
 local function emit(job_id, etype, data_json)
+  local data = cjson.decode(data_json)  -- before any write: a bad document changes nothing
   local ts = now_ms()
   local job_key, events_key = KEY.job(job_id), KEY.job_events(job_id)
   local id = redis.call('XADD', KEY.events, 'MAXLEN', '~', SETTINGS.events_maxlen, '*',
@@ -143,7 +144,7 @@ local function emit(job_id, etype, data_json)
     -- only if the global stream was reset behind a clock step back: keep the job's own order
     id = redis.call('XADD', events_key, '*', 'type', etype, 'ts', ts, 'v', 1, 'data', data_json)
   end
-  redis.call('HSET', job_key, unpack(fold(job_id, etype, ts, id, cjson.decode(data_json))))
+  redis.call('HSET', job_key, unpack(fold(job_id, etype, ts, id, data)))
   if settled(job_key) then
     redis.call('PEXPIRE', job_key, SETTINGS.retention_ms)
     redis.call('PEXPIRE', events_key, SETTINGS.retention_ms)
