@@ -127,30 +127,27 @@ async def post_download(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     window_ms = int(config.api.idempotency_window_seconds * 1000)
-    while True:
-        status, detail = await request.app[STORAGE].enqueue(
-            new_job_id(), fields, key, fingerprint, window_ms
+    # One id per request: if redis-py resends the script after a lost reply, the second run
+    # finds the job already there ("exists"), which means this request was accepted.
+    job_id = new_job_id()
+    status, detail = await request.app[STORAGE].enqueue(job_id, fields, key, fingerprint, window_ms)
+    if status == "replayed":
+        return web.json_response(
+            {"id": detail}, status=201, headers={"Idempotent-Replayed": "true"}
         )
-        if status == "ok":
-            job_id = detail
-            break
-        if status == "replayed":
-            return web.json_response(
-                {"id": detail}, status=201, headers={"Idempotent-Replayed": "true"}
-            )
-        if status == "key_conflict":
-            raise ValidationFailed(
-                "Idempotency-Key",
-                f"Idempotency-Key was already used for job {detail} with a different request",
-                status=422,
-            )
-        if status == "proxy_conflict":
-            raise ValidationFailed(
-                "aggr_proxy",
-                f"aggr_proxy differs from the proxy of the existing aggregation {req.aggr_id!r} "
-                f"({detail or 'none'}); it is fixed while the aggregation has jobs",
-                status=409,
-            )
+    if status == "key_conflict":
+        raise ValidationFailed(
+            "Idempotency-Key",
+            f"Idempotency-Key was already used for job {detail} with a different request",
+            status=422,
+        )
+    if status == "proxy_conflict":
+        raise ValidationFailed(
+            "aggr_proxy",
+            f"aggr_proxy differs from the proxy of the existing aggregation {req.aggr_id!r} "
+            f"({detail or 'none'}); it is fixed while the aggregation has jobs",
+            status=409,
+        )
     metrics.JOBS_ACCEPTED.inc()
     return web.json_response({"id": job_id}, status=201)
 

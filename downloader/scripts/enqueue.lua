@@ -5,7 +5,8 @@
 --   aggr:{a} (hash: limit, proxy, jobs = unfinished downloads), aggr:{a}:ready (list, RPUSH),
 --   aggregations (zset: aggr -> ready size), wake (stream that wakes processors),
 --   idem:{key} (hash: job_id, fingerprint; expires after the window).
--- Returns: {'ok', job_id} | {'exists'} (id collision) | {'proxy_conflict', existing_proxy} |
+-- Returns: {'ok', job_id} | {'exists'} (already accepted: the script was resent) |
+--   {'proxy_conflict', existing_proxy} |
 --   {'replayed', job_id} (same key, same request) | {'key_conflict', job_id} (same key, other request)
 local job_id, aggr_id, limit, proxy, data = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local idem_key, fingerprint, window_ms = ARGV[6], ARGV[7], tonumber(ARGV[8])
