@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 __all__ = ["FileStore"]
@@ -35,12 +36,14 @@ class FileStore:
         with contextlib.suppress(FileNotFoundError):
             self.path(job_id).unlink()
 
-    def sweep_tmp(self, owner_suffix: str | None = None) -> int:
-        """Remove temporary files (of one owner, or all); returns how many."""
+    def sweep_tmp(self, older_than_s: float) -> int:
+        """Remove temporary files left by processors that died mid-download; returns how many.
+        Only files untouched for `older_than_s` go, so live downloads are never hit."""
+        cutoff = time.time() - older_than_s
         n = 0
         for p in self.tmp_dir.iterdir():
-            if owner_suffix is None or p.name.endswith(f".{owner_suffix}"):
-                with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                if p.stat().st_mtime < cutoff:
                     p.unlink()
                     n += 1
         return n

@@ -104,6 +104,7 @@ class Processor:
                 ("timer", self._timer_step),
                 ("renew", self._renew_step),
                 ("disk", self._disk_step),
+                ("sweep", self._sweep_step),
                 (
                     "stats",
                     lambda: publish_stats(
@@ -342,6 +343,13 @@ class Processor:
             if task is not None:
                 log.warning("lease lost, abandoning download", job_id=job_id)
                 task.cancel()
+
+    async def _sweep_step(self) -> None:
+        """Hourly: drop temp files of dead processors (older than any download may last)."""
+        stale_s = self.cfg.download_timeout_seconds + 2 * self.cfg.lease_ms / 1000
+        if removed := await asyncio.to_thread(self.store.sweep_tmp, stale_s):
+            log.info("removed stale temporary files", count=removed)
+        await asyncio.sleep(3600)
 
     async def _disk_step(self) -> None:
         used = await asyncio.to_thread(self.store.used_percent)

@@ -124,3 +124,25 @@ async def test_aggregation_limit_is_respected_within_one_processor(
         assert peak == 2
     finally:
         await runner.cleanup()
+
+
+async def test_stale_temp_files_of_dead_processors_are_swept(make_config: Any, service_factory: Any) -> None:
+    """On start a processor removes temp files older than any download may last, and keeps fresh ones."""
+    import os
+    import time
+
+    _path, config = make_config()
+    tmp = Path(config.processor.storage_dir) / ".tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    stale, fresh = tmp / "dead.job.owner1", tmp / "live.job.owner2"
+    stale.write_bytes(b"old")
+    fresh.write_bytes(b"new")
+    old = time.time() - config.processor.download_timeout_seconds - 3600
+    os.utime(stale, (old, old))
+    await service_factory(None, {"processor"})
+    for _ in range(100):  # the sweep runs as the processor starts
+        if not stale.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert not stale.exists()
+    assert fresh.exists()
