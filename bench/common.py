@@ -59,7 +59,11 @@ def percentile(values: list[float], p: float) -> float:
 def git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
@@ -69,11 +73,16 @@ def git_commit() -> str:
 # -- /proc sampling ------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process so far."""
+def cpu_user_sys(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process so far."""
+    return sum(cpu_user_sys(pid))
 
 
 def vm_kib(pid: int, field: str) -> int:
@@ -154,17 +163,28 @@ def bench_config(redis_addr: str, tmp: Path) -> dict[str, Any]:
 class Role:
     """One `downloader <role>` OS process."""
 
-    def __init__(self, role: str, config: Path, log: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        config: Path,
+        log: Path,
+        port: int | None = None,
+        profile: Path | None = None,
+    ) -> None:
         self.role, self.config, self.log_path, self.port = role, config, log, port
+        self.profile = profile  # write a cProfile dump here when the process exits
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Role:
-        args = [PYTHON, "-m", "downloader", self.role, "-c", str(self.config)]
+        prof = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
+        args = [PYTHON, *prof, "-m", "downloader", self.role, "-c", str(self.config)]
         if self.port is not None:
             args += ["--port", str(self.port), "--host", "127.0.0.1"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+            self.popen = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+            )
         return self
 
     @property
@@ -203,11 +223,15 @@ TOPOLOGIES = {
 class Stack:
     """A private redis-server + the service in one of TOPOLOGIES, in a fresh temp dir.
 
-    `async with Stack("split") as s:` -> s.base_url, s.roles["processor"].pid, s.storage_dir."""
+    `async with Stack("split") as s:` -> s.base_url, s.roles["processor"].pid, s.storage_dir.
+    With `profile_dir`, every role runs under cProfile and leaves `<role>.prof` there."""
 
-    def __init__(self, topology: str, patch: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, topology: str, patch: dict[str, Any] | None = None, profile_dir: Path | None = None
+    ) -> None:
         self.topology = topology
         self.patch = patch or {}
+        self.profile_dir = profile_dir
         self.tmp = Path(tempfile.mkdtemp(prefix=f"dl-bench-{topology}-"))
         self.redis = EmbeddedRedis(self.tmp / "redis", "127.0.0.1", free_port())
         self.roles: dict[str, Role] = {}
@@ -237,7 +261,11 @@ class Stack:
         path.write_text(json.dumps(self.config, indent=2))
         for role in TOPOLOGIES[self.topology]:
             port = self.port if role in ("api", "run") else None
-            self.roles[role] = Role(role, path, self.tmp / f"{role}.log", port).start()
+            prof = None
+            if self.profile_dir is not None:
+                self.profile_dir.mkdir(parents=True, exist_ok=True)
+                prof = self.profile_dir / f"{role}.prof"
+            self.roles[role] = Role(role, path, self.tmp / f"{role}.log", port, prof).start()
         await self._wait_ready()
 
     async def _wait_ready(self, timeout_s: float = 30.0) -> None:
@@ -269,7 +297,9 @@ class Stack:
     def stop(self) -> None:
         for role in reversed(list(self.roles.values())):
             role.stop()
-        unclean = [r.role for r in self.roles.values() if r.popen and r.popen.returncode not in (0, None)]
+        unclean = [
+            r.role for r in self.roles.values() if r.popen and r.popen.returncode not in (0, None)
+        ]
         if unclean:
             print(f"  note: {unclean} did not exit 0", file=sys.stderr)
         self.redis.stop()
@@ -294,14 +324,19 @@ class Peers:
         self.big_file = big_file
         self.popen: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = Path(tempfile.mkstemp(prefix="dl-bench-peers-", suffix=".log")[1])
+        fd, name = tempfile.mkstemp(prefix="dl-bench-peers-", suffix=".log")
+        os.close(fd)
+        self.log = Path(name)
 
-    async def __aenter__(self) -> Peers:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         args = [PYTHON, str(Path(__file__).resolve()), "peers", "--port", str(self.port)]
         if self.big_file is not None:
             args += ["--big", str(self.big_file)]
         with open(self.log, "ab") as log:
-            self.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    async def __aenter__(self) -> Peers:
+        self.popen = self._spawn()
         deadline = time.monotonic() + 15
         async with aiohttp.ClientSession() as http:
             while True:
@@ -327,6 +362,10 @@ class Peers:
                 self.popen.kill()
                 self.popen.wait(10)
         self.log.unlink(missing_ok=True)
+
+    def cpu(self) -> float:
+        assert self.popen is not None
+        return cpu_seconds(self.popen.pid)
 
     def origin_url(self, path: str) -> str:
         return f"{self.base}/origin/{path.lstrip('/')}"

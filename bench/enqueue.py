@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Stack, percentile, save_json  # noqa: E402
+from common import Stack, percentile, save_json
 
 
 def _bodies(n: int, tag: str) -> list[bytes]:
