@@ -8,11 +8,13 @@ event at least once, in order per job."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from downloader.backends.kafka import PollingProducer
 from downloader.events import parse_event
 from downloader.log import get_logger
+from downloader.resilience import REDIS_DOWN
 from downloader.storage import Storage
 
 __all__ = ["EventExporter"]
@@ -37,10 +39,23 @@ class EventExporter:
         self.lock_ms = lock_ms
         self.batch = batch
         self.exported = 0
+        self._holding = False
 
     async def step(self) -> None:
         """Hold the lock, export one batch (or wait for one), record the position."""
-        if not await self.storage.export_hold(self.owner, "", self.lock_ms):
+        try:
+            await self._export_batch()
+        except asyncio.CancelledError:
+            # The notifier is stopping: hand the lock over now, not lock_ms later. Whatever was
+            # produced but not recorded is sent again by the next exporter (at least once).
+            if self._holding:
+                with contextlib.suppress(*REDIS_DOWN, TimeoutError):
+                    await asyncio.wait_for(self.storage.export_hold(self.owner, "", 1), 1.0)
+            raise
+
+    async def _export_batch(self) -> None:
+        self._holding = await self.storage.export_hold(self.owner, "", self.lock_ms)
+        if not self._holding:
             await asyncio.sleep(self.lock_ms / 4000)
             return
         position = await self.storage.export_position()
@@ -58,5 +73,6 @@ class EventExporter:
             log.warning("event export failed, will resend", error=errors[0], batch=len(entries))
             await asyncio.sleep(1)
             return
-        if await self.storage.export_hold(self.owner, entries[-1][0], self.lock_ms):
+        self._holding = await self.storage.export_hold(self.owner, entries[-1][0], self.lock_ms)
+        if self._holding:
             self.exported += len(entries)

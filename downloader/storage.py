@@ -21,6 +21,32 @@ __all__ = ["CALLBACK_GROUP", "Claim", "Keys", "Storage", "connect"]
 
 CALLBACK_GROUP = "notifiers"
 
+# The projection fields each role reads back from its script: fewer fields, less to parse.
+DOWNLOAD_FIELDS = (
+    "id",
+    "url",
+    "request_headers",
+    "download_timeout",
+    "mime_type",
+    "extract_image_size",
+    "download_attempts",
+    "max_retries",
+)
+CALLBACK_FIELDS = (
+    "id",
+    "download_state",
+    "error",
+    "extra",
+    "url",
+    "download_url",
+    "response_code",
+    "image_size",
+    "callback_type",
+    "callback_dst",
+    "callback_attempts",
+    "outcome_event_id",
+)
+
 
 class Keys:
     """Every Redis key name. Lua scripts build the same names in prelude.lua (KEY.*).
@@ -110,10 +136,6 @@ class Claim:
     ready_left: int
     free_slots: int
     jobs: list[dict[str, str]]
-
-
-def _pairs(flat: Sequence[Any]) -> dict[str, str]:
-    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def connect(config: Config) -> aioredis.Redis:
@@ -244,8 +266,9 @@ class Storage:
     # -- processor ----------------------------------------------------------------------------
 
     async def claim(self, aggr_id: str, owner: str, lease_ms: int, count: int) -> Claim:
-        res = await self._run("claim", aggr_id, owner, lease_ms, count)
-        return Claim(str(res[0]), int(res[1]), int(res[2]), [_pairs(j) for j in res[3:]])
+        res = await self._run("claim", aggr_id, owner, lease_ms, count, *DOWNLOAD_FIELDS)
+        jobs = [dict(zip(DOWNLOAD_FIELDS, (v or "" for v in j), strict=True)) for j in res[3:]]
+        return Claim(str(res[0]), int(res[1]), int(res[2]), jobs)
 
     async def finish(
         self, job_id: str, owner: str, outcome: str, data: Mapping[str, Any], retry_in_ms: int = 0
@@ -349,7 +372,9 @@ class Storage:
         return [(eid, f["job_id"]) for eid, f in entries if f]
 
     async def callback_begin(self, job_id: str) -> dict[str, str]:
-        return _pairs(await self._run("callback_begin", job_id))
+        """Start a delivery attempt: the fields a callback needs, or {} if nothing to deliver."""
+        res = await self._run("callback_begin", job_id, *CALLBACK_FIELDS)
+        return dict(zip(CALLBACK_FIELDS, (v or "" for v in res), strict=True)) if res else {}
 
     async def callback_end(
         self, job_id: str, outcome: str, data: Mapping[str, Any], entry_id: str, delay_ms: int

@@ -7,6 +7,7 @@ thread runs so the event loop never blocks on the producer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from typing import Any
@@ -66,16 +67,31 @@ class PollingProducer:
             reason = "" if err is None else f"{err.name()}: {err.str()}"
             loop.call_soon_threadsafe(_settle, done, reason)
 
-        try:
-            self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
-        except BufferError:
-            return "the local producer queue is full (queue.buffering.max.messages)"
-        except KafkaException as exc:
-            return f"{exc.args[0].name()}: {exc.args[0].str()}"
+        for refreshed in (False, True):
+            try:
+                self.producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=report
+                )
+                break
+            except BufferError:
+                return "the local producer queue is full (queue.buffering.max.messages)"
+            except KafkaException as exc:
+                err = exc.args[0]
+                if refreshed or err.code() != KafkaError._UNKNOWN_TOPIC:
+                    return f"{err.name()}: {err.str()}"
+            # librdkafka remembers that a topic does not exist until its next metadata refresh
+            # (topic.metadata.refresh.interval.ms, 5 minutes): ask the broker now, so that a
+            # topic created since (say, before a POST /retry) is used at once.
+            await asyncio.to_thread(self._refresh_metadata, topic)
         try:
             return await asyncio.wait_for(asyncio.shield(done), self.timeout_s)
         except TimeoutError:
             return "no delivery report within message.timeout.ms"
+
+    def _refresh_metadata(self, topic: str) -> None:
+        assert self.producer is not None
+        with contextlib.suppress(KafkaException):
+            self.producer.list_topics(topic, timeout=min(5.0, self.timeout_s))
 
     def close(self, timeout_s: float) -> int:
         """Flush within `timeout_s`; returns how many messages never got a report."""

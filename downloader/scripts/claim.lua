@@ -1,11 +1,13 @@
 -- claim.lua: take up to `count` ready jobs of one aggregation, within its global limit.
--- ARGV: aggr_id, owner (processor instance token), lease_ms, count
+-- ARGV: aggr_id, owner (processor instance token), lease_ms, count, projection fields to return...
 -- Keys touched: aggr:{a} (limit, proxy), aggr:{a}:ready (LPOP), aggr:{a}:inflight (set, SADD),
 --   leases (zset job -> lease expiry ms), lease-owners (hash job -> owner), aggregations,
 --   job:{id} + job:{id}:events + events (download.started).
--- Returns: {proxy, ready_left, free_slots, job1_fields, job2_fields, ...} where each job is the
---   flat HGETALL of its projection after download.started.
+-- Returns: {proxy, ready_left, free_slots, job1, job2, ...} where each job is the list of the
+--   requested projection fields (HMGET) after download.started.
 local aggr_id, owner, lease_ms, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local fields = {}
+for i = 5, #ARGV - 2 do fields[#fields + 1] = ARGV[i] end
 local aggr_key, ready, inflight = KEY.aggr(aggr_id), KEY.ready(aggr_id), KEY.inflight(aggr_id)
 
 local settings = redis.call('HMGET', aggr_key, 'limit', 'proxy')
@@ -23,7 +25,7 @@ while free > 0 and count > 0 do
     redis.call('HSET', KEY.lease_owners, job_id, owner)
     local attempt = tonumber(redis.call('HGET', job_key, 'download_attempts') or '0') + 1
     emit(job_id, 'download.started', cjson.encode({attempt = attempt}))
-    out[#out + 1] = redis.call('HGETALL', job_key)
+    out[#out + 1] = redis.call('HMGET', job_key, unpack(fields))
     free = free - 1
     count = count - 1
   end

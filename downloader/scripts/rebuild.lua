@@ -6,7 +6,9 @@ local job_id = ARGV[1]
 local job_key, events_key = KEY.job(job_id), KEY.job_events(job_id)
 local entries = redis.call('XRANGE', events_key, '-', '+')
 if #entries == 0 then return 0 end
-local ttl = redis.call('PTTL', job_key)
+-- emit() gives the projection and the events the same expiry: take it from the events,
+-- which survive when the projection was lost.
+local ttl = redis.call('PTTL', events_key)
 redis.call('DEL', job_key)
 for _, entry in ipairs(entries) do
   local f = {}
