@@ -29,8 +29,11 @@ class FileStore:
     def commit(self, tmp: Path, job_id: str) -> None:
         """Move a finished download into place atomically (same filesystem)."""
         final = self.path(job_id)
-        final.parent.mkdir(exist_ok=True)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except FileNotFoundError:  # first file of its <id[0:3]> directory
+            final.parent.mkdir(exist_ok=True)
+            os.replace(tmp, final)
 
     def delete(self, job_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
