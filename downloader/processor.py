@@ -81,6 +81,7 @@ class Processor:
         )
         self.stats = ProcessorStats()
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._recording: set[str] = set()  # jobs whose outcome finish.lua is writing now
         self._per_aggr: Counter[str] = Counter()
         self._hot: dict[str, None] = {}  # aggregations that may have ready jobs, in turn order
         self._kick = asyncio.Event()
@@ -133,9 +134,13 @@ class Processor:
         tasks = dict(self._active)
         if tasks:
             log.info("finishing in-flight downloads", count=len(tasks))
-            _done, pending = await asyncio.wait(
-                tasks.values(), timeout=self.cfg.shutdown_grace_seconds
-            )
+            keeper = asyncio.create_task(self._keep_leases())
+            try:
+                _done, pending = await asyncio.wait(
+                    tasks.values(), timeout=self.cfg.shutdown_grace_seconds
+                )
+            finally:
+                keeper.cancel()
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -149,6 +154,13 @@ class Processor:
         if self._session is not None:
             await self._session.close()
         log.info("processor stopped", instance=self.owner)
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases of the downloads still finishing during the shutdown grace."""
+        while self._active:
+            await asyncio.sleep(self.cfg.lease_ms / 3000)
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.storage.renew(self.owner, self.cfg.lease_ms, list(self._active))
 
     # -- finding work ---------------------------------------------------------------------------
 
@@ -289,7 +301,12 @@ class Processor:
             )
         metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started)
         metrics.DOWNLOADS.labels(outcome).inc()
-        if await self._record(job_id, outcome, data, retry_in_ms):
+        self._recording.add(job_id)
+        try:
+            recorded = await self._record(job_id, outcome, data, retry_in_ms)
+        finally:
+            self._recording.discard(job_id)
+        if recorded:
             if outcome == "failed":
                 self.stats.failures += 1
             elif outcome == "retry":
@@ -340,7 +357,8 @@ class Processor:
         lost = await self.storage.renew(self.owner, self.cfg.lease_ms, list(self._active))
         for job_id in lost:
             task = self._active.get(job_id)
-            if task is not None:
+            # a job being recorded may have released its own lease just now; finish is fenced
+            if task is not None and job_id not in self._recording:
                 log.warning("lease lost, abandoning download", job_id=job_id)
                 task.cancel()
 

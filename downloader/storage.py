@@ -162,7 +162,12 @@ def connect(config: Config) -> aioredis.Redis:
         sentinel: Any = Sentinel(sentinels, **common)  # type: ignore[no-untyped-call]
         return cast(aioredis.Redis, sentinel.master_for(rc.master_name))
     host, _, port = rc.addr.rpartition(":")
-    return aioredis.Redis(host=host or "127.0.0.1", port=int(port or 6379), **common)
+    # redis-py 8 caps a pool at 100 connections and fails the 101st command ("Too many
+    # connections"); a blocking pool makes a burst wait for a free connection instead.
+    pool = aioredis.BlockingConnectionPool(
+        host=host or "127.0.0.1", port=int(port or 6379), max_connections=1024, timeout=5, **common
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 class Storage:

@@ -44,6 +44,7 @@ class PollingProducer:
         self.producer: Producer | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._refreshes: dict[str, asyncio.Future[None]] = {}
 
     def start(self) -> None:
         self.producer = Producer(self.config)
@@ -82,13 +83,23 @@ class PollingProducer:
             # librdkafka remembers that a topic does not exist until its next metadata refresh
             # (topic.metadata.refresh.interval.ms, 5 minutes): ask the broker now, so that a
             # topic created since (say, before a POST /retry) is used at once.
-            await asyncio.to_thread(self._refresh_metadata, topic)
+            await self._refresh_metadata(topic)
         try:
             return await asyncio.wait_for(asyncio.shield(done), self.timeout_s)
         except TimeoutError:
             return "no delivery report within message.timeout.ms"
 
-    def _refresh_metadata(self, topic: str) -> None:
+    async def _refresh_metadata(self, topic: str) -> None:
+        """One metadata request for `topic` at a time, shared by every caller meanwhile (a batch
+        of the event export to a missing topic asks once, not once per event)."""
+        refresh = self._refreshes.get(topic)
+        if refresh is None:
+            refresh = asyncio.ensure_future(asyncio.to_thread(self._list_topic, topic))
+            self._refreshes[topic] = refresh
+            refresh.add_done_callback(lambda _f: self._refreshes.pop(topic, None))
+        await asyncio.shield(refresh)
+
+    def _list_topic(self, topic: str) -> None:
         assert self.producer is not None
         with contextlib.suppress(KafkaException):
             self.producer.list_topics(topic, timeout=min(5.0, self.timeout_s))
