@@ -20,8 +20,9 @@ class FileStore:
     def path(self, job_id: str) -> Path:
         return self.root / job_id[:3] / job_id
 
-    def tmp_path(self, job_id: str, owner: str) -> Path:
-        return self.tmp_dir / f"{job_id}.{owner}"
+    def tmp_path(self, job_id: str, claim: str) -> Path:
+        """The temporary file of one claim of a job (two claims never share one)."""
+        return self.tmp_dir / f"{job_id}.{claim}"
 
     def url(self, job_id: str) -> str:
         return f"{self._base_url}/{job_id[:3]}/{job_id}"

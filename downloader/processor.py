@@ -80,7 +80,8 @@ class Processor:
             config.security.allow_private_networks, config.security.allowed_networks
         )
         self.stats = ProcessorStats()
-        self._active: dict[str, asyncio.Task[None]] = {}
+        self._active: dict[str, asyncio.Task[None]] = {}  # job id -> its download
+        self._leases: dict[str, str] = {}  # job id -> lease token of that download's claim
         self._recording: set[str] = set()  # jobs whose outcome finish.lua is writing now
         self._per_aggr: Counter[str] = Counter()
         self._hot: dict[str, None] = {}  # aggregations that may have ready jobs, in turn order
@@ -132,6 +133,7 @@ class Processor:
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         tasks = dict(self._active)
+        tokens = dict(self._leases)
         if tasks:
             log.info("finishing in-flight downloads", count=len(tasks))
             keeper = asyncio.create_task(self._keep_leases())
@@ -144,10 +146,10 @@ class Processor:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            unfinished = [jid for jid, t in tasks.items() if t in pending]
+            unfinished = {jid: tokens[jid] for jid, t in tasks.items() if t in pending}
             if unfinished:
                 try:
-                    n = await self.storage.release(self.owner, unfinished)
+                    n = await self.storage.release(unfinished)
                     log.info("handed jobs back", count=n)
                 except REDIS_DOWN:
                     log.warning("could not hand jobs back; their leases will expire")
@@ -160,7 +162,7 @@ class Processor:
         while self._active:
             await asyncio.sleep(self.cfg.lease_ms / 3000)
             with contextlib.suppress(*REDIS_DOWN):
-                await self.storage.renew(self.owner, self.cfg.lease_ms, list(self._active))
+                await self.storage.renew(self.cfg.lease_ms, dict(self._leases))
 
     # -- finding work ---------------------------------------------------------------------------
 
@@ -204,7 +206,11 @@ class Processor:
                     self._hot[aggr] = None  # more to take once we have room: back of the line
 
     def _start(self, aggr: str, job: dict[str, str], proxy: str | None) -> None:
-        job_id = job["id"]
+        job_id, token = job["id"], job["lease"]
+        if (zombie := self._active.get(job_id)) is not None:
+            # Our earlier claim of this job lost its lease (we stalled) and we claimed it anew:
+            # the old download can no longer record anything, so stop it.
+            zombie.cancel()
         if self._per_aggr[aggr] == 0:
             self.stats.spawned_worker_pools += 1
         self._per_aggr[aggr] += 1
@@ -213,12 +219,15 @@ class Processor:
         self.stats.spawned_workers += 1
         task = asyncio.create_task(self._work(job, proxy), name=f"job:{job_id}")
         self._active[job_id] = task
+        self._leases[job_id] = token
         self.stats.workers = len(self._active)
         self.stats.max_workers = max(self.stats.max_workers, self.stats.workers)
         metrics.WORKERS.set(len(self._active))
 
         def done(_t: asyncio.Task[None]) -> None:
-            self._active.pop(job_id, None)
+            if self._active.get(job_id) is task:
+                del self._active[job_id]
+                del self._leases[job_id]
             self._per_aggr[aggr] -= 1
             self.stats.worker_pools = len(+self._per_aggr)
             self.stats.workers = len(self._active)
@@ -246,9 +255,9 @@ class Processor:
         )
 
     async def _work(self, job: dict[str, str], proxy: str | None) -> None:
-        job_id = job["id"]
+        job_id, lease = job["id"], job["lease"]
         attempt = int(job["download_attempts"])
-        tmp = self.store.tmp_path(job_id, self.owner)
+        tmp = self.store.tmp_path(job_id, lease.replace("/", "."))
         started = time.perf_counter()
         outcome: str
         data: dict[str, Any]
@@ -303,7 +312,7 @@ class Processor:
         metrics.DOWNLOADS.labels(outcome).inc()
         self._recording.add(job_id)
         try:
-            recorded = await self._record(job_id, outcome, data, retry_in_ms)
+            recorded = await self._record(job_id, lease, outcome, data, retry_in_ms)
         finally:
             self._recording.discard(job_id)
         if recorded:
@@ -316,14 +325,14 @@ class Processor:
                 self.stats.successes += 1
 
     async def _record(
-        self, job_id: str, outcome: str, data: dict[str, Any], retry_in_ms: int
+        self, job_id: str, lease: str, outcome: str, data: dict[str, Any], retry_in_ms: int
     ) -> bool:
         """Write the outcome, riding out a short Redis outage while the lease lasts."""
         deadline = time.monotonic() + self.cfg.lease_ms / 1000
         delay = 0.05
         while True:
             try:
-                ok = await self.storage.finish(job_id, self.owner, outcome, data, retry_in_ms)
+                ok = await self.storage.finish(job_id, lease, outcome, data, retry_in_ms)
                 if not ok:
                     log.warning("lease lost before the outcome was written", job_id=job_id)
                 return ok
@@ -354,7 +363,7 @@ class Processor:
 
     async def _renew_step(self) -> None:
         await asyncio.sleep(self.cfg.lease_ms / 3000)
-        lost = await self.storage.renew(self.owner, self.cfg.lease_ms, list(self._active))
+        lost = await self.storage.renew(self.cfg.lease_ms, dict(self._leases))
         for job_id in lost:
             task = self._active.get(job_id)
             # a job being recorded may have released its own lease just now; finish is fenced

@@ -271,29 +271,35 @@ class Storage:
     # -- processor ----------------------------------------------------------------------------
 
     async def claim(self, aggr_id: str, owner: str, lease_ms: int, count: int) -> Claim:
+        """Claim up to `count` jobs; each job dict has its lease token under "lease"."""
         res = await self._run("claim", aggr_id, owner, lease_ms, count, *DOWNLOAD_FIELDS)
-        jobs = [dict(zip(DOWNLOAD_FIELDS, (v or "" for v in j), strict=True)) for j in res[3:]]
+        names = (*DOWNLOAD_FIELDS, "lease")
+        jobs = [dict(zip(names, (v or "" for v in j), strict=True)) for j in res[3:]]
         return Claim(str(res[0]), int(res[1]), int(res[2]), jobs)
 
     async def finish(
-        self, job_id: str, owner: str, outcome: str, data: Mapping[str, Any], retry_in_ms: int = 0
+        self, job_id: str, lease: str, outcome: str, data: Mapping[str, Any], retry_in_ms: int = 0
     ) -> bool:
         """Record a download outcome (succeeded | failed | retry); False if the lease was lost."""
-        res = await self._run("finish", job_id, owner, outcome, json.dumps(data), retry_in_ms)
+        res = await self._run("finish", job_id, lease, outcome, json.dumps(data), retry_in_ms)
         return bool(res[0] == "ok")
 
-    async def renew(self, owner: str, lease_ms: int, job_ids: Sequence[str]) -> list[str]:
-        if not job_ids:
+    async def renew(self, lease_ms: int, leases: Mapping[str, str]) -> list[str]:
+        """Extend leases ({job id: token}); returns the ids no longer held."""
+        if not leases:
             return []
-        return list(await self._run("renew", owner, lease_ms, *job_ids))
+        pairs = [x for item in leases.items() for x in item]
+        return list(await self._run("renew", lease_ms, *pairs))
 
     async def requeue_expired(self, limit: int = 100) -> int:
-        return int(await self._run("requeue", "", "lease expired", limit))
+        return int(await self._run("requeue", "lease expired", limit))
 
-    async def release(self, owner: str, job_ids: Sequence[str], reason: str = "shutdown") -> int:
-        if not job_ids:
+    async def release(self, leases: Mapping[str, str], reason: str = "shutdown") -> int:
+        """Give jobs back to their queues ({job id: token}); returns how many were still held."""
+        if not leases:
             return 0
-        return int(await self._run("requeue", owner, reason, len(job_ids), *job_ids))
+        pairs = [x for item in leases.items() for x in item]
+        return int(await self._run("requeue", reason, len(leases), *pairs))
 
     async def promote_retries(self, limit: int = 500) -> tuple[int, int]:
         """Move due download retries to their queues: (moved, ms until the next one or -1)."""

@@ -342,7 +342,7 @@ async def test_sigkilled_processor_loses_no_job(
     tmp_dir = Path(config.processor.storage_dir) / ".tmp"
     owners = await redis_client.hmget(keys.lease_owners, ids)
     assert all(owned_by(first, o) for o in owners), owners
-    temp_files = {f"{j}.{o}" for j, o in zip(ids, owners, strict=True)}
+    temp_files = {f"{j}.{o.replace('/', '.')}" for j, o in zip(ids, owners, strict=True)}
     await until(lambda: {p.name for p in tmp_dir.iterdir()} == temp_files)  # bytes arrived
 
     first.kill()

@@ -1,10 +1,11 @@
 -- claim.lua: take up to `count` ready jobs of one aggregation, within its global limit.
--- ARGV: aggr_id, owner (processor instance token), lease_ms, count, projection fields to return...
+-- ARGV: aggr_id, owner (processor instance id), lease_ms, count, projection fields to return...
 -- Keys touched: aggr:{a} (limit, proxy), aggr:{a}:ready (LPOP), aggr:{a}:inflight (set, SADD),
 --   leases (zset job -> lease expiry ms), lease-owners (hash job -> owner), aggregations,
 --   job:{id} + job:{id}:events + events (download.started).
 -- Returns: {proxy, ready_left, free_slots, job1, job2, ...} where each job is the list of the
---   requested projection fields (HMGET) after download.started.
+--   requested projection fields (HMGET) after download.started, then its lease token
+--   (`owner/<download.started event id>`: unique per claim, the fence for renew and finish).
 local aggr_id, owner, lease_ms, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local fields = {}
 for i = 5, #ARGV - 2 do fields[#fields + 1] = ARGV[i] end
@@ -22,10 +23,12 @@ while free > 0 and count > 0 do
   if redis.call('EXISTS', job_key) == 1 then
     redis.call('SADD', inflight, job_id)
     redis.call('ZADD', KEY.leases, expiry, job_id)
-    redis.call('HSET', KEY.lease_owners, job_id, owner)
     local attempt = tonumber(redis.call('HGET', job_key, 'download_attempts') or '0') + 1
-    emit(job_id, 'download.started', cjson.encode({attempt = attempt}))
-    out[#out + 1] = redis.call('HMGET', job_key, unpack(fields))
+    local token = owner .. '/' .. emit(job_id, 'download.started', cjson.encode({attempt = attempt}))
+    redis.call('HSET', KEY.lease_owners, job_id, token)
+    local row = redis.call('HMGET', job_key, unpack(fields))
+    row[#row + 1] = token
+    out[#out + 1] = row
     free = free - 1
     count = count - 1
   end

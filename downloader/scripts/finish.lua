@@ -1,12 +1,12 @@
 -- finish.lua: record the outcome of one download attempt, if the caller still holds the lease.
--- ARGV: job_id, owner, outcome ('succeeded' | 'failed' | 'retry'), event data (JSON), retry_in_ms
+-- ARGV: job_id, lease token (from claim.lua), outcome ('succeeded' | 'failed' | 'retry'), event data (JSON), retry_in_ms
 -- Keys touched: lease-owners, leases, aggr:{a}:inflight (SREM), job:{id} + events
 --   (download.succeeded | download.failed | download.retry_scheduled), retries (zset job -> due
 --   ms, on 'retry'), aggr:{a} (jobs -1 on a final outcome; deleted when it has no job left),
 --   aggregations, callbacks (stream read by notifiers, on a final outcome), wake.
--- Returns: {'ok', event_id} | {'stale'} when the lease was lost (another processor owns the job).
-local job_id, owner, outcome, data, retry_in = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-if redis.call('HGET', KEY.lease_owners, job_id) ~= owner then return {'stale'} end
+-- Returns: {'ok', event_id} | {'stale'} when that lease was lost (expired, aborted, re-claimed).
+local job_id, token, outcome, data, retry_in = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+if redis.call('HGET', KEY.lease_owners, job_id) ~= token then return {'stale'} end
 
 local aggr_id = redis.call('HGET', KEY.job(job_id), 'aggr_id')
 redis.call('HDEL', KEY.lease_owners, job_id)

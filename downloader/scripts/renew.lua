@@ -1,13 +1,13 @@
--- renew.lua: extend the leases an owner still holds.
--- ARGV: owner, lease_ms, job ids...
+-- renew.lua: extend the leases a processor still holds.
+-- ARGV: lease_ms, then pairs of job id, lease token (as claim.lua handed it out)...
 -- Keys touched: lease-owners (read), leases (ZADD XX).
--- Returns: the ids whose lease the owner no longer holds (stop working on them).
-local owner, lease_ms = ARGV[1], tonumber(ARGV[2])
+-- Returns: the ids whose lease is no longer held with that token (stop working on them).
+local lease_ms = tonumber(ARGV[1])
 local expiry = now_ms() + lease_ms
 local lost = {}
-for i = 3, #ARGV - 2 do
-  local job_id = ARGV[i]
-  if redis.call('HGET', KEY.lease_owners, job_id) == owner then
+for i = 2, #ARGV - 2, 2 do
+  local job_id, token = ARGV[i], ARGV[i + 1]
+  if redis.call('HGET', KEY.lease_owners, job_id) == token then
     redis.call('ZADD', KEY.leases, 'XX', expiry, job_id)
   else
     lost[#lost + 1] = job_id

@@ -1,16 +1,17 @@
--- requeue.lua: hand jobs back to their ready queues: leases that expired (a processor died) or,
--- with an owner, the jobs that owner gives back on shutdown.
--- ARGV: owner ('' = every expired lease), reason, limit, job ids... (only with an owner)
+-- requeue.lua: hand jobs back to their ready queues: leases that expired (a processor died), or
+-- the jobs a processor gives back on shutdown.
+-- ARGV: reason, limit, then (giving back) pairs of job id, lease token...; no pairs = every
+--   expired lease, at most `limit`
 -- Keys touched: leases, lease-owners, aggr:{a}:inflight (SREM), aggr:{a}:ready (LPUSH: first
 --   in line again), aggregations, job:{id} + events (download.requeued), wake.
 -- Returns: the number of jobs handed back.
-local owner, reason, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local reason, limit = ARGV[1], tonumber(ARGV[2])
 local ids = {}
-if owner == '' then
+if #ARGV - 2 == 2 then
   ids = redis.call('ZRANGEBYSCORE', KEY.leases, '-inf', now_ms(), 'LIMIT', 0, limit)
 else
-  for i = 4, #ARGV - 2 do
-    if redis.call('HGET', KEY.lease_owners, ARGV[i]) == owner then ids[#ids + 1] = ARGV[i] end
+  for i = 3, #ARGV - 2, 2 do
+    if redis.call('HGET', KEY.lease_owners, ARGV[i]) == ARGV[i + 1] then ids[#ids + 1] = ARGV[i] end
   end
 end
 for _, job_id in ipairs(ids) do

@@ -1,0 +1,112 @@
+"""The storage layer against a real Redis: key names, lease fencing, registry upkeep."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from downloader.models import parse_download_request
+from downloader.storage import Storage, connect
+
+
+async def new_storage(make_config: Any) -> Storage:
+    _path, config = make_config()
+    return Storage(connect(config), config)
+
+
+def fields(aggr: str = "s", limit: int = 2) -> dict[str, Any]:
+    req = parse_download_request(
+        {
+            "aggr_id": aggr,
+            "aggr_limit": limit,
+            "url": "http://o.test/x",
+            "callback_url": "http://c.test/",
+        }
+    )
+    return req.job_fields(2)
+
+
+async def test_lua_builds_the_same_key_names_as_python(
+    make_config: Any, redis_client: aioredis.Redis
+) -> None:
+    """Every key a script writes for a job and its aggregation is one storage.Keys names."""
+    storage = await new_storage(make_config)
+    try:
+        await storage.enqueue("Job1", fields("ag"))
+        k = storage.keys
+        expected = {
+            k.job("Job1"),
+            k.job_events("Job1"),
+            k.events,
+            k.aggr("ag"),
+            k.ready("ag"),
+            k.aggregations,
+            k.wake,
+        }
+        assert set(await redis_client.keys("*")) == expected
+    finally:
+        await storage.close()
+
+
+async def test_a_stale_claim_of_the_same_owner_cannot_record(make_config: Any) -> None:
+    """Leases are fenced per claim: after a lapse and a re-claim by the same processor, the first
+    claim's outcome is refused and the second one's accepted."""
+    storage = await new_storage(make_config)
+    try:
+        await storage.enqueue("Job2", fields())
+        first = (await storage.claim("s", "proc-A", 50, 1)).jobs[0]
+        await asyncio.sleep(0.1)  # let the 50 ms lease lapse
+        assert await storage.requeue_expired() == 1
+        second = (await storage.claim("s", "proc-A", 10_000, 1)).jobs[0]
+        assert first["lease"] != second["lease"]
+        assert await storage.renew(10_000, {"Job2": first["lease"]}) == ["Job2"]
+        assert not await storage.finish(
+            "Job2", first["lease"], "failed", {"attempt": 1, "response_code": 0, "error": "x"}
+        )
+        data = {
+            "attempt": 1,
+            "response_code": 200,
+            "download_url": "u",
+            "file_mime_type": "text/plain",
+            "file_bytes": 1,
+            "image_size": "",
+        }
+        assert await storage.finish("Job2", second["lease"], "succeeded", data)
+        job = await storage.get_job("Job2")
+        assert job is not None and job["download_state"] == "Success"
+    finally:
+        await storage.close()
+
+
+async def test_claims_respect_the_limit_and_the_registry_tracks_waiting_jobs(
+    make_config: Any,
+) -> None:
+    """A claim never exceeds aggr_limit; the registry's size is the number of jobs waiting."""
+    storage = await new_storage(make_config)
+    try:
+        for i in range(5):
+            await storage.enqueue(f"Lim{i}", fields("lim", limit=2))
+        claim = await storage.claim("lim", "p", 10_000, 10)
+        assert len(claim.jobs) == 2 and claim.free_slots == 0 and claim.ready_left == 3
+        assert await storage.pending_aggregations() == [("lim", 3)]
+        assert (await storage.claim("lim", "q", 10_000, 10)).jobs == []
+    finally:
+        await storage.close()
+
+
+async def test_release_hands_back_only_jobs_still_held(make_config: Any, tmp_path: Path) -> None:
+    """release() requeues the jobs whose lease the caller still holds, first in line."""
+    storage = await new_storage(make_config)
+    try:
+        for i in range(3):
+            await storage.enqueue(f"Rel{i}", fields("rel", limit=3))
+        jobs = (await storage.claim("rel", "p", 10_000, 3)).jobs
+        leases = {j["id"]: j["lease"] for j in jobs}
+        leases["Rel2"] = "someone-else/0-0"
+        assert await storage.release(leases) == 2
+        assert await storage.r.lrange(storage.keys.ready("rel"), 0, -1) == ["Rel1", "Rel0"]
+    finally:
+        await storage.close()
