@@ -146,3 +146,20 @@ async def test_stale_temp_files_of_dead_processors_are_swept(make_config: Any, s
         await asyncio.sleep(0.02)
     assert not stale.exists()
     assert fresh.exists()
+
+
+async def test_file_of_a_failed_callback_goes_with_its_job(
+    service_factory: Any, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """A callback that failed for good keeps its file for a /retry, until the job expires."""
+    svc = await service_factory({"events": {"retention_hours": 0.0002}})  # 720 ms
+    receiver.statuses = [500]
+    job_id = await svc.submit(**body(files.add("/kept", b"keep me"), receiver))
+    await svc.wait_job(job_id, lambda j: j["callback_state"] == "Failed")
+    path = Path(svc.config.processor.storage_dir) / job_id[:3] / job_id
+    assert path.exists()
+    for _ in range(150):  # deleted by the processor's reaper once the retention has passed
+        if not path.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert not path.exists()

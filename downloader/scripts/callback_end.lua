@@ -1,6 +1,7 @@
 -- callback_end.lua: record the result of one delivery attempt and settle its stream entry.
 -- ARGV: job_id, outcome ('delivered' | 'retry' | 'failed'), event data (JSON), stream entry id,
---   group, delay_ms (retry wait, or file deletion delay on 'delivered'; -1: keep the file)
+--   group, delay_ms (retry wait, or file deletion delay on 'delivered'; -1: keep the file;
+--   on 'failed' the file is deleted when the job expires, after the retention period)
 -- Keys touched: job:{id} + events (callback.delivered | callback.retry_scheduled |
 --   callback.failed), callbacks (XACK + XDEL of the entry), callback-retries (zset job -> due
 --   ms), reap (zset job -> when its file is deleted).
@@ -9,9 +10,11 @@ local job_id, outcome, data, entry, group, delay = ARGV[1], ARGV[2], ARGV[3], AR
 local event_id = emit(job_id, 'callback.' .. (outcome == 'retry' and 'retry_scheduled' or outcome), data)
 if outcome == 'retry' then
   redis.call('ZADD', KEY.callback_retries, now_ms() + delay, job_id)
-elseif outcome == 'delivered' and delay >= 0
-    and redis.call('HGET', KEY.job(job_id), 'file_state') == 'stored' then
-  redis.call('ZADD', KEY.reap, now_ms() + delay, job_id)
+elseif redis.call('HGET', KEY.job(job_id), 'file_state') == 'stored' then
+  -- delivered: delete after the configured delay; failed for good: keep the file for a /retry
+  -- as long as the job itself is kept, then delete it with the job
+  local after = outcome == 'delivered' and delay or SETTINGS.retention_ms
+  if after >= 0 then redis.call('ZADD', KEY.reap, now_ms() + after, job_id) end
 end
 if entry ~= '' then
   redis.call('XACK', KEY.callbacks, group, entry)
