@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -19,10 +20,11 @@ from downloader import metrics
 from downloader.config import Config
 from downloader.errors import ValidationFailed
 from downloader.events import parse_event
+from downloader.heartbeat import new_instance_id, publish_stats
 from downloader.ids import is_job_id, new_job_id
 from downloader.log import get_logger
 from downloader.models import parse_download_request
-from downloader.resilience import REDIS_DOWN
+from downloader.resilience import REDIS_DOWN, forever
 from downloader.storage import Storage
 
 __all__ = ["STORAGE", "build_app", "render_job"]
@@ -31,6 +33,7 @@ log = get_logger(__name__)
 
 STORAGE = web.AppKey("storage", Storage)
 CONFIG = web.AppKey("config", Config)
+ACCEPTED = web.AppKey("accepted", list[int])  # one cell: jobs this API instance accepted
 
 _INT_FIELDS = (
     "aggr_limit",
@@ -149,6 +152,7 @@ async def post_download(request: web.Request) -> web.Response:
             status=409,
         )
     metrics.JOBS_ACCEPTED.inc()
+    request.app[ACCEPTED][0] += 1
     return web.json_response({"id": job_id}, status=201)
 
 
@@ -284,6 +288,29 @@ async def dashboard(_request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
+async def _announce(app: web.Application) -> AsyncIterator[None]:
+    """Publish this API instance (and what it accepted) like the other roles do."""
+    storage, config = app[STORAGE], app[CONFIG]
+    instance = new_instance_id()
+
+    async def step() -> None:
+        await publish_stats(
+            storage,
+            "api",
+            instance,
+            lambda: {"accepted": app[ACCEPTED][0]},
+            config.processor.stats_interval,
+        )
+
+    stopping = False
+    task = asyncio.create_task(forever("announce", step, lambda: stopping))
+    yield
+    stopping = True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def build_app(config: Config, storage: Storage, serve_files: bool = False) -> web.Application:
     """The aiohttp application; `storage` is owned (closed) by the caller."""
     middlewares = [errors_middleware]
@@ -292,6 +319,8 @@ def build_app(config: Config, storage: Storage, serve_files: bool = False) -> we
     app = web.Application(client_max_size=config.api.max_body_bytes, middlewares=middlewares)
     app[STORAGE] = storage
     app[CONFIG] = config
+    app[ACCEPTED] = [0]
+    app.cleanup_ctx.append(_announce)
     app.router.add_post("/download", post_download)
     app.router.add_get("/hb", heartbeat)
     app.router.add_post("/retry/{job_id}", retry_callback)
