@@ -53,13 +53,16 @@ def make_notifier(config: Config, storage: Storage, instance: str) -> Notifier:
     """A notifier with the configured backends, exporting events when events.kafka_topic is set."""
     backends = make_backends(config)
     exporter = None
-    if config.events.kafka_topic:
-        from downloader.backends.kafka import KafkaBackend
+    if config.events.kafka_topic and config.backends.kafka is not None:
         from downloader.exporter import EventExporter
 
-        kafka = backends["kafka"]
-        assert isinstance(kafka, KafkaBackend)
-        exporter = EventExporter(storage, kafka.producer, config.events.kafka_topic, instance)
+        exporter = EventExporter(
+            storage,
+            config.backends.kafka,
+            config.events.kafka_topic,
+            instance,
+            lock_ms=config.events.export_lock_ms,
+        )
     return Notifier(config, storage, instance, backends, exporter)
 
 

@@ -137,6 +137,8 @@ class EventsConfig(_Section):
     stream_maxlen: int = Field(1_000_000, gt=0)
     """Approximate cap on the global event stream, the feed for exports."""
     kafka_topic: str | None = None
+    export_lock_ms: int = Field(10_000, ge=100)
+    """How long a dead exporter's lock keeps others from taking over the export."""
 
 
 class Config(_Section):

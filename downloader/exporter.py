@@ -3,13 +3,18 @@
 One exporter runs at a time (a lock in Redis, renewed with every batch); it resumes from the
 last position it recorded, which it advances only after the broker acknowledged the batch. A
 crash between the acknowledgement and the record sends the batch again: consumers see each
-event at least once, in order per job."""
+event at least once, in order per job.
+
+The exporter has a producer of its own with `message.timeout.ms: 0` (retry until delivered):
+with a timeout, an outage could fail some messages of a batch while later ones of the same job
+get through, and resending would then put an event after its successors."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+from typing import Any
 
 from downloader.backends.kafka import PollingProducer
 from downloader.events import parse_event
@@ -26,20 +31,26 @@ class EventExporter:
     def __init__(
         self,
         storage: Storage,
-        producer: PollingProducer,
+        kafka_properties: dict[str, Any],
         topic: str,
         owner: str,
         lock_ms: int = 10_000,
         batch: int = 500,
     ) -> None:
         self.storage = storage
-        self.producer = producer
+        self.producer = PollingProducer({**kafka_properties, "message.timeout.ms": 0})
         self.topic = topic
         self.owner = owner
         self.lock_ms = lock_ms
         self.batch = batch
         self.exported = 0
         self._holding = False
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.producer.start)
+
+    async def close(self, timeout_s: float) -> None:
+        await asyncio.to_thread(self.producer.close, timeout_s)
 
     async def step(self) -> None:
         """Hold the lock, export one batch (or wait for one), record the position."""

@@ -76,6 +76,8 @@ class Notifier:
     async def run(self, stop: asyncio.Event) -> None:
         for backend in self.backends.values():
             await backend.start()
+        if self.exporter is not None:
+            await self.exporter.start()
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("consume", self._consume_step),
             ("reclaim", self._reclaim_step),
@@ -112,6 +114,8 @@ class Notifier:
                 await asyncio.gather(*pending, return_exceptions=True)
             for backend in self.backends.values():
                 await backend.close(self.cfg.shutdown_grace_seconds)
+            if self.exporter is not None:
+                await self.exporter.close(self.cfg.shutdown_grace_seconds)
             log.info("notifier stopped", instance=self.consumer)
 
     async def _consume_step(self) -> None:

@@ -21,7 +21,7 @@ __all__ = ["KafkaBackend", "producer_config"]
 _DEFAULTS = {
     "message.timeout.ms": 30_000,
     "enable.idempotence": True,  # keeps per-partition order through retries
-    "linger.ms": 5,
+    "linger.ms": 0,  # a callback waits for its report: batching by time only adds latency
 }
 
 
@@ -40,7 +40,9 @@ class PollingProducer:
 
     def __init__(self, properties: dict[str, Any]) -> None:
         self.config = producer_config(properties)
-        self.timeout_s = float(self.config["message.timeout.ms"]) / 1000 + 5
+        timeout_ms = float(self.config["message.timeout.ms"])
+        # 0 means "retry until delivered" in librdkafka: then we wait as long as it takes.
+        self.timeout_s: float | None = timeout_ms / 1000 + 5 if timeout_ms > 0 else None
         self.producer: Producer | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,7 +104,7 @@ class PollingProducer:
     def _list_topic(self, topic: str) -> None:
         assert self.producer is not None
         with contextlib.suppress(KafkaException):
-            self.producer.list_topics(topic, timeout=min(5.0, self.timeout_s))
+            self.producer.list_topics(topic, timeout=min(5.0, self.timeout_s or 5.0))
 
     def close(self, timeout_s: float) -> int:
         """Flush within `timeout_s`; returns how many messages never got a report."""
