@@ -92,7 +92,9 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_config(redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path) -> Callable[..., tuple[Path, Config]]:
+def make_config(
+    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+) -> Callable[..., tuple[Path, Config]]:
     """`make_config({"processor": {...}})` -> (path of a config.json, the validated Config)."""
 
     def make(patch: dict[str, Any] | None = None, name: str = "config.json") -> tuple[Path, Config]:
@@ -161,7 +163,9 @@ class Service:
         assert status == 200, data
         return dict(data)
 
-    async def wait_job(self, job_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+    async def wait_job(
+        self, job_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
         """Wait until the job's projection satisfies `predicate` (watching its event stream)."""
         deadline = time.monotonic() + timeout
         last = "0-0"
@@ -188,7 +192,9 @@ class Service:
 
 
 @pytest.fixture
-async def service_factory(make_config: Callable[..., tuple[Path, Config]]) -> AsyncIterator[Callable[..., Any]]:
+async def service_factory(
+    make_config: Callable[..., tuple[Path, Config]],
+) -> AsyncIterator[Callable[..., Any]]:
     """`await service_factory(patch, roles)` -> a started in-process Service."""
     started: list[Service] = []
 

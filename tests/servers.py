@@ -36,7 +36,9 @@ class _Server:
         self.port = 0
 
     async def _start(self, app: web.Application) -> None:
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.2)
+        self.runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.2
+        )
         await self.runner.setup()
         self.port = free_port()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -125,7 +127,9 @@ class CallbackReceiver(_Server):
     def for_job(self, job_id: str) -> list[dict[str, Any]]:
         return [p for p in self.received if p["job_id"] == job_id]
 
-    async def wait_for(self, job_id: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def wait_for(
+        self, job_id: str, count: int = 1, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
         """The first `count` callbacks of a job, once they arrived."""
         async with asyncio.timeout(timeout), self._arrived:
             await self._arrived.wait_for(lambda: len(self.for_job(job_id)) >= count)

@@ -10,7 +10,7 @@ from downloader.backoff import callback_retry_delay_s, download_retry_delay_s, s
 
 
 def test_download_delay_is_linear_in_the_attempt() -> None:
-    """Retry n waits n × base (the original's rule) when jitter is off."""
+    """Retry n waits n x base (the original's rule) when jitter is off."""
     assert [download_retry_delay_s(n, 120, 10_000, jitter=0) for n in (1, 2, 3)] == [120, 240, 360]
 
 
@@ -36,7 +36,13 @@ def test_attempts_are_one_based() -> None:
 
 @pytest.mark.parametrize(
     ("attempt", "max_retries", "retriable", "expected"),
-    [(1, 0, True, False), (1, 1, True, True), (2, 1, True, False), (3, 2, True, False), (1, 5, False, False)],
+    [
+        (1, 0, True, False),
+        (1, 1, True, True),
+        (2, 1, True, False),
+        (3, 2, True, False),
+        (1, 5, False, False),
+    ],
 )
 def test_should_retry(attempt: int, max_retries: int, retriable: bool, expected: bool) -> None:
     """max_retries counts retries after the first attempt; permanent errors never retry."""

@@ -85,7 +85,10 @@ def test_cli_exits_2_naming_the_key(tmp_path: Path) -> None:
     """`downloader api` with a bad config exits 2 and prints the key."""
     path = write(tmp_path, {"api": {"port": "eighty"}})
     proc = subprocess.run(
-        [sys.executable, "-m", "downloader", "api", "-c", str(path)], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "downloader", "api", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 2
     assert "api.port" in proc.stderr

@@ -44,7 +44,9 @@ async def test_success_echoes_extra_and_stores_identical_bytes(
     assert stored.read_bytes() == body
 
 
-async def test_404_fails_without_retry(service: Service, files: FileServer, receiver: CallbackReceiver) -> None:
+async def test_404_fails_without_retry(
+    service: Service, files: FileServer, receiver: CallbackReceiver
+) -> None:
     """A 404 is not retriable: one request, a failure callback with the status."""
     job_id = await service.submit(**job_body(files.url("/missing"), receiver))
     [cb] = await receiver.wait_for(job_id)
@@ -67,7 +69,10 @@ async def test_mime_mismatch_negation_and_globs(
     assert (await receiver.wait_for(ok))[0]["success"] is True
     assert (await receiver.wait_for(both))[0]["success"] is True
     [neg] = await receiver.wait_for(negated)
-    assert neg["success"] is False and neg["error"] == "Expected mime-type to be (!image/png), found (image/png)"
+    assert (
+        neg["success"] is False
+        and neg["error"] == "Expected mime-type to be (!image/png), found (image/png)"
+    )
     [mis] = await receiver.wait_for(mismatch)
     assert mis["success"] is False
     assert mis["error"] == "Expected mime-type to be (image/jpeg), found (image/png)"
@@ -79,7 +84,9 @@ async def test_empty_body_is_application_x_empty(
     service: Service, files: FileServer, receiver: CallbackReceiver
 ) -> None:
     """An empty body sniffs as application/x-empty."""
-    job_id = await service.submit(**job_body(files.add("/empty", b""), receiver, mime_type="image/*"))
+    job_id = await service.submit(
+        **job_body(files.add("/empty", b""), receiver, mime_type="image/*")
+    )
     [cb] = await receiver.wait_for(job_id)
     assert cb["error"] == "Expected mime-type to be (image/*), found (application/x-empty)"
 
@@ -87,28 +94,40 @@ async def test_empty_body_is_application_x_empty(
 async def test_image_size_png_jpeg_gif_and_non_image(
     service: Service, files: FileServer, receiver: CallbackReceiver
 ) -> None:
-    """extract_image_size reports WxH for png, jpeg and gif; a text file still succeeds, empty size."""
-    cases = {"/i.png": (png(10, 20), "10x20"), "/i.jpg": (jpeg(640, 480), "640x480"),
-             "/i.gif": (gif(3, 5), "3x5"), "/t.txt": (b"hello world\n" * 10, "")}
+    """extract_image_size gives WxH for png, jpeg and gif; a text file succeeds with no size."""
+    cases = {
+        "/i.png": (png(10, 20), "10x20"),
+        "/i.jpg": (jpeg(640, 480), "640x480"),
+        "/i.gif": (gif(3, 5), "3x5"),
+        "/t.txt": (b"hello world\n" * 10, ""),
+    }
     ids = {}
     for path, (body, _size) in cases.items():
-        ids[path] = await service.submit(**job_body(files.add(path, body), receiver, extract_image_size=True))
+        ids[path] = await service.submit(
+            **job_body(files.add(path, body), receiver, extract_image_size=True)
+        )
     for path, (_body, size) in cases.items():
         [cb] = await receiver.wait_for(ids[path])
         assert cb["success"] is True, cb
         assert cb["image_size"] == size
 
 
-async def test_bad_image_fails_permanently(service: Service, files: FileServer, receiver: CallbackReceiver) -> None:
+async def test_bad_image_fails_permanently(
+    service: Service, files: FileServer, receiver: CallbackReceiver
+) -> None:
     """A JPEG whose header has no frame size is a bad image: failed, not retried."""
     broken = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + b"\x00" * 40
-    job_id = await service.submit(**job_body(files.add("/bad.jpg", broken), receiver, extract_image_size=True))
+    job_id = await service.submit(
+        **job_body(files.add("/bad.jpg", broken), receiver, extract_image_size=True)
+    )
     [cb] = await receiver.wait_for(job_id)
     assert cb["success"] is False and "Bad image" in cb["error"]
     assert files.count("/bad.jpg") == 1
 
 
-async def test_500_then_503_then_success(service: Service, files: FileServer, receiver: CallbackReceiver) -> None:
+async def test_500_then_503_then_success(
+    service: Service, files: FileServer, receiver: CallbackReceiver
+) -> None:
     """5xx answers are retried with backoff until one succeeds."""
     url = files.add("/flaky", Reply(b"", 500), Reply(b"", 503), Reply(b"finally"))
     job_id = await service.submit(**job_body(url, receiver))
@@ -122,9 +141,13 @@ async def test_500_then_503_then_success(service: Service, files: FileServer, re
 async def test_max_retries_zero_and_one_make_exact_request_counts(
     service: Service, files: FileServer, receiver: CallbackReceiver
 ) -> None:
-    """max_retries=0 makes one request, max_retries=1 two; then the job fails with the last status."""
-    zero = await service.submit(**job_body(files.add("/z", Reply(b"", 500)), receiver, max_retries=0))
-    one = await service.submit(**job_body(files.add("/o", Reply(b"", 502)), receiver, max_retries=1))
+    """max_retries=0 makes one request, max_retries=1 two; then the job fails, last status."""
+    zero = await service.submit(
+        **job_body(files.add("/z", Reply(b"", 500)), receiver, max_retries=0)
+    )
+    one = await service.submit(
+        **job_body(files.add("/o", Reply(b"", 502)), receiver, max_retries=1)
+    )
     [cz] = await receiver.wait_for(zero)
     [co] = await receiver.wait_for(one)
     assert (files.count("/z"), files.count("/o")) == (1, 2)

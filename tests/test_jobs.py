@@ -13,7 +13,13 @@ from tests.servers import CallbackReceiver, FileServer, Reply, free_port
 
 
 def body(url: str, receiver: CallbackReceiver, **extra: Any) -> dict[str, Any]:
-    return {"aggr_id": "j", "aggr_limit": 1, "url": url, "callback_url": receiver.url("/cb"), **extra}
+    return {
+        "aggr_id": "j",
+        "aggr_limit": 1,
+        "url": url,
+        "callback_url": receiver.url("/cb"),
+        **extra,
+    }
 
 
 class StallingOrigin:
@@ -46,7 +52,7 @@ class StallingOrigin:
 async def test_same_idempotency_key_and_body_returns_the_same_job(
     service_factory: Any, receiver: CallbackReceiver
 ) -> None:
-    """A retried POST with the same Idempotency-Key and body gets the same id; nothing new is queued."""
+    """A retried POST with the same Idempotency-Key and body gets the same id; no new job."""
     api = await service_factory(None, {"api"})
     request = body("http://origin.test/x", receiver)
     headers = {"Idempotency-Key": "order-42"}
@@ -84,7 +90,9 @@ async def test_idempotency_key_expires_after_the_window(
     assert first["id"] != second["id"]
 
 
-async def test_bad_idempotency_key_is_a_400(service_factory: Any, receiver: CallbackReceiver) -> None:
+async def test_bad_idempotency_key_is_a_400(
+    service_factory: Any, receiver: CallbackReceiver
+) -> None:
     """A key with spaces or control characters is refused, naming the header."""
     api = await service_factory(None, {"api"})
     status, err = await api.post(
@@ -142,7 +150,9 @@ async def test_abort_a_pending_download(
         await origin.runner.cleanup()
 
 
-async def test_abort_unknown_or_finished(service: Service, files: FileServer, receiver: CallbackReceiver) -> None:
+async def test_abort_unknown_or_finished(
+    service: Service, files: FileServer, receiver: CallbackReceiver
+) -> None:
     """DELETE of an unknown job is 404, of a finished one 409."""
     status, _ = await service.http_delete("/jobs/doesnotexist")
     assert status == 404

@@ -1,4 +1,4 @@
-"""Redis outages: a restart loses nothing, an outage gets 503s (never hangs) and everyone resumes."""
+"""Redis outages: a restart loses nothing, an outage gets 503s (no hang) and everyone resumes."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ async def test_redis_killed_and_restarted_mid_run_loses_nothing(
 async def test_outage_answers_503_fast_and_hb_reports_it(
     own_redis: DurableRedis, service_factory: Any, files: FileServer, receiver: CallbackReceiver
 ) -> None:
-    """While Redis is down POST /download is 503 with Retry-After within 2 s, /hb is 503; both recover."""
+    """While Redis is down POST /download is 503 + Retry-After within 2 s, /hb 503; both recover."""
     svc = await service_factory({"redis": {"addr": own_redis.addr}})
     url = files.add("/o", b"payload")
     own_redis.kill()

@@ -40,7 +40,13 @@ class SlowOrigin:
 
 
 def body(url: str, receiver: CallbackReceiver, **extra: Any) -> dict[str, Any]:
-    return {"aggr_id": "p", "aggr_limit": 2, "url": url, "callback_url": receiver.url("/cb"), **extra}
+    return {
+        "aggr_id": "p",
+        "aggr_limit": 2,
+        "url": url,
+        "callback_url": receiver.url("/cb"),
+        **extra,
+    }
 
 
 async def test_a_download_longer_than_its_lease_keeps_it(
@@ -118,7 +124,9 @@ async def test_aggregation_limit_is_respected_within_one_processor(
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        ids = [await service.submit(**body(f"http://127.0.0.1:{port}/c", receiver)) for _ in range(6)]
+        ids = [
+            await service.submit(**body(f"http://127.0.0.1:{port}/c", receiver)) for _ in range(6)
+        ]
         for job_id in ids:
             await receiver.wait_for(job_id)
         assert peak == 2
@@ -126,8 +134,10 @@ async def test_aggregation_limit_is_respected_within_one_processor(
         await runner.cleanup()
 
 
-async def test_stale_temp_files_of_dead_processors_are_swept(make_config: Any, service_factory: Any) -> None:
-    """On start a processor removes temp files older than any download may last, and keeps fresh ones."""
+async def test_stale_temp_files_of_dead_processors_are_swept(
+    make_config: Any, service_factory: Any
+) -> None:
+    """On start a processor removes temp files older than any download may last, not fresh ones."""
     import os
     import time
 
