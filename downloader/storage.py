@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from downloader.config import Config
+from downloader.connections import FollowingMasterPool, NotReplicated, connect, could_take_over
 
-__all__ = ["CALLBACK_GROUP", "Claim", "Keys", "Storage", "connect"]
+__all__ = ["CALLBACK_GROUP", "Claim", "Keys", "NotReplicated", "Storage", "connect"]
 
 CALLBACK_GROUP = "notifiers"
 
@@ -138,38 +139,6 @@ class Claim:
     jobs: list[dict[str, str]]
 
 
-def connect(config: Config) -> aioredis.Redis:
-    """A client for the configured Redis (or Sentinel-managed master)."""
-    rc = config.redis
-    if not rc.addr:
-        raise ValueError("redis.addr is not set")
-    # Fail fast when Redis is down (the API answers 503 within about a second, loops back off
-    # on their own) instead of redis-py's default of 10 retries with up to 10 s waits.
-    common: dict[str, Any] = {
-        "db": rc.db,
-        "password": rc.password,
-        "decode_responses": True,
-        "socket_connect_timeout": 2,
-        "socket_timeout": 15,  # above every XREAD BLOCK we issue (at most 5 s)
-        "retry": Retry(ExponentialBackoff(cap=0.25, base=0.02), 3),
-        "health_check_interval": 30,
-    }
-    if rc.sentinel:
-        sentinels = []
-        for addr in rc.addr.split(","):
-            host, _, port = addr.strip().rpartition(":")
-            sentinels.append((host or "127.0.0.1", int(port)))
-        sentinel: Any = Sentinel(sentinels, **common)  # type: ignore[no-untyped-call]
-        return cast(aioredis.Redis, sentinel.master_for(rc.master_name))
-    host, _, port = rc.addr.rpartition(":")
-    # redis-py 8 caps a pool at 100 connections and fails the 101st command ("Too many
-    # connections"); a blocking pool makes a burst wait for a free connection instead.
-    pool = aioredis.BlockingConnectionPool(
-        host=host or "127.0.0.1", port=int(port or 6379), max_connections=1024, timeout=5, **common
-    )
-    return aioredis.Redis.from_pool(pool)
-
-
 class Storage:
     """Job transitions (each one Lua script, one round trip) and the reads the API needs."""
 
@@ -195,6 +164,9 @@ class Storage:
         # redis-py annotates replies as bytes | str | ...; with decode_responses=True they are str.
         self.r: Any = client
         self.keys = Keys(config.redis.key_prefix)
+        self._replica_ack_ms = 1000
+        self._acks_needed = 0
+        self._acks_checked_at = 0.0
         self._settings = json.dumps(
             {
                 "retention_ms": int(config.events.retention_hours * 3600 * 1000),
@@ -211,8 +183,64 @@ class Storage:
     async def _run(self, name: str, *args: Any) -> Any:
         return await self._scripts[name](keys=[], args=[*args, self.keys.template, self._settings])
 
+    async def _run_acked(self, name: str, *args: Any) -> Any:
+        """`_run`, then (under Sentinel) WAIT until a replica has the write: an answer a client
+        relies on (a 201) must survive a failover to that replica."""
+        needed = await self._replica_acks_needed()
+        if needed == 0:
+            return await self._run(name, *args)
+        async with self.r.pipeline(transaction=False) as p:  # WAIT counts this connection's writes
+            await self._scripts[name](
+                keys=[], args=[*args, self.keys.template, self._settings], client=p
+            )
+            p.execute_command("WAIT", needed, self._replica_ack_ms)
+            res, acked = await p.execute()
+        if int(acked) < needed:
+            self._acks_checked_at = 0.0
+            self.r.connection_pool.recheck_soon()  # a master its replica left may be deposed
+            raise NotReplicated(f"the write reached {acked} of {needed} replica(s) in time")
+        return res
+
+    async def _replica_acks_needed(self) -> int:
+        """1, unless every sentinel names this very master, none is failing it over, and none
+        knows a replica that could take over (up, and replicating rather than acting as a
+        master): then writes are accepted, degraded, rather than all refused (its replica
+        died, or this is the new master of a killed one). A deposed master that still takes
+        writes never qualifies. Only under Sentinel; cached for `recheck_s`."""
+        pool = self.r.connection_pool
+        if not isinstance(pool, FollowingMasterPool):
+            return 0
+        if time.monotonic() - self._acks_checked_at < pool.recheck_s:
+            return self._acks_needed
+        here, name = pool.master_address, pool.service_name
+        views: list[Any] = []
+        for sentinel in pool.sentinel_manager.sentinels:
+            with contextlib.suppress(RedisError, OSError):
+                views.append(
+                    (
+                        (await sentinel.sentinel_masters()).get(name),
+                        await sentinel.sentinel_slaves(name),
+                    )
+                )
+        degraded = (
+            here is not None
+            and bool(views)
+            and all(
+                master is not None
+                and (master["ip"], int(master["port"])) == tuple(here)
+                and "failover_in_progress" not in str(master["flags"])
+                and not any(could_take_over(r) for r in replicas)
+                for master, replicas in views
+            )
+        )
+        self._acks_needed, self._acks_checked_at = (0 if degraded else 1), time.monotonic()
+        return self._acks_needed
+
     async def close(self) -> None:
         await self.r.aclose()
+        pool = self.r.connection_pool
+        if isinstance(pool, SentinelConnectionPool):  # its own clients of the sentinels
+            await pool.sentinel_manager.aclose()
 
     async def ping(self) -> bool:
         return bool(await self.r.ping())
@@ -230,7 +258,7 @@ class Storage:
         """Accept a job. Returns (status, detail): ('ok', job id) | ('exists', '') |
         ('proxy_conflict', the aggregation's proxy) | ('replayed', job id) |
         ('key_conflict', job id)."""
-        res = await self._run(
+        res = await self._run_acked(
             "enqueue",
             job_id,
             fields["aggr_id"],

@@ -319,13 +319,6 @@ async def test_master_sigkilled_mid_run_fails_over_without_losing_a_job(
     assert client.unavailable > 0  # the outage was real, and answered the documented way
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="split brain: redis-py's Sentinel pool keeps writing to the deposed master (which "
-    "Sentinel demotes only ~10 s later) and nothing waits for a replica before the 201; "
-    "see the proposed FollowingMasterPool + WAIT patch to downloader/storage.py",
-)
 @pytest.mark.timeout(120)
 async def test_sentinel_failover_command_mid_run_loses_no_job(
     sentinels: SentinelGroup,
@@ -342,12 +335,6 @@ async def test_sentinel_failover_command_mid_run_loses_no_job(
     await run_failover(sentinels, service_factory, files, receiver, failover_command)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="replication is asynchronous and POST /download answers 201 before any replica has "
-    "the job; see the proposed WAIT patch to downloader/storage.py",
-)
 @pytest.mark.timeout(120)
 async def test_job_accepted_while_the_replica_lags_survives_the_master_dying(
     sentinels: SentinelGroup,
