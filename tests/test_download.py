@@ -200,8 +200,13 @@ async def test_aggregation_proxy_is_used(
 async def test_download_timeout_trips_on_a_stalled_body(
     service: Service, files: FileServer, receiver: CallbackReceiver
 ) -> None:
-    """A body that stalls is cut off by download_timeout and counts as retriable."""
+    """A body that stalls is cut off by download_timeout (retriable); meanwhile other
+    aggregations' jobs go through."""
     url = files.add("/stall", Reply(b"y" * 5000, stall_after=10))
     job_id = await service.submit(**job_body(url, receiver, download_timeout=1, max_retries=0))
+    other = await service.submit(**job_body(files.add("/ok", b"fine"), receiver, aggr_id="other"))
+    [ok] = await receiver.wait_for(other, timeout=10)
+    assert ok["success"] is True
+    assert receiver.for_job(job_id) == []  # the stalled one is still waiting for its timeout
     [cb] = await receiver.wait_for(job_id, timeout=10)
     assert cb["success"] is False and "timed out" in cb["error"]
