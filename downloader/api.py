@@ -128,7 +128,9 @@ async def post_download(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     fields = req.job_fields(config.processor.max_retries)
     key = _idempotency_key(request)
-    fingerprint = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    fingerprint = (
+        hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest() if key else ""
+    )
     window_ms = int(config.api.idempotency_window_seconds * 1000)
     # One id per request: if redis-py resends the script after a lost reply, the second run
     # finds the job already there ("exists"), which means this request was accepted.

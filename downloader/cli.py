@@ -33,9 +33,7 @@ log = get_logger("downloader")
 def make_backends(config: Config) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     if config.backends.http is not None:
-        policy = NetworkPolicy(
-            config.security.allow_private_networks, config.security.allowed_networks
-        )
+        policy = NetworkPolicy.from_config(config.security)
         backends["http"] = HttpBackend(
             config.backends.http.timeout,
             policy,

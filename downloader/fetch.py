@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import ssl
 from dataclasses import dataclass
@@ -138,8 +137,3 @@ async def _check_mime(head: bytes, pattern: MimePattern | None, code: int) -> st
             f"Expected mime-type to be ({pattern.text}), found ({mime_type})", code
         )
     return mime_type
-
-
-def discard(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

@@ -37,8 +37,13 @@ class FileStore:
             os.replace(tmp, final)
 
     def delete(self, job_id: str) -> None:
+        self.discard(self.path(job_id))
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        """Remove a file that may already be gone (a temp file, a reaped download)."""
         with contextlib.suppress(FileNotFoundError):
-            self.path(job_id).unlink()
+            path.unlink()
 
     def sweep_tmp(self, older_than_s: float) -> int:
         """Remove temporary files left by processors that died mid-download; returns how many.

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from downloader.config import SecurityConfig
 from downloader.errors import BlockedAddressError
 
 __all__ = ["NetworkPolicy", "find_blocked"]
@@ -20,6 +21,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 class NetworkPolicy:
     """Which addresses outgoing downloads and callbacks may connect to."""
+
+    @classmethod
+    def from_config(cls, security: SecurityConfig) -> NetworkPolicy:
+        return cls(security.allow_private_networks, security.allowed_networks)
 
     def __init__(self, allow_private: bool, allowed_networks: Sequence[str] = ()) -> None:
         self.allow_private = allow_private

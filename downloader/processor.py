@@ -22,7 +22,7 @@ from downloader import metrics
 from downloader.backoff import download_retry_delay_s, should_retry_download
 from downloader.config import Config
 from downloader.errors import PermanentError, TransientError
-from downloader.fetch import FetchRequest, discard, fetch
+from downloader.fetch import FetchRequest, fetch
 from downloader.filestore import FileStore
 from downloader.heartbeat import publish_stats
 from downloader.log import get_logger
@@ -76,9 +76,7 @@ class Processor:
         self.storage = storage
         self.owner = instance
         self.store = FileStore(self.cfg.storage_dir, self.cfg.download_url)
-        self.policy = NetworkPolicy(
-            config.security.allow_private_networks, config.security.allowed_networks
-        )
+        self.policy = NetworkPolicy.from_config(config.security)
         self.stats = ProcessorStats()
         self._active: dict[str, asyncio.Task[None]] = {}  # job id -> its download
         self._leases: dict[str, str] = {}  # job id -> lease token of that download's claim
@@ -198,8 +196,14 @@ class Processor:
             self._kick.clear()
             while self._hot and self._free() > 0 and not self.stats.paused and not self._stopping:
                 aggr = next(iter(self._hot))
-                del self._hot[aggr]
-                claim = await self.storage.claim(aggr, self.owner, self.cfg.lease_ms, self._free())
+                del self._hot[aggr]  # before the await: a wake arriving meanwhile re-adds it
+                try:
+                    claim = await self.storage.claim(
+                        aggr, self.owner, self.cfg.lease_ms, self._free()
+                    )
+                except BaseException:
+                    self._hot.setdefault(aggr, None)  # Redis down: try it again once back
+                    raise
                 for job in claim.jobs:
                     self._start(aggr, job, claim.proxy or None)
                 if claim.ready_left > 0 and claim.free_slots > 0:
@@ -280,7 +284,7 @@ class Processor:
             self.stats.responses[result.response_code] += 1
             metrics.DOWNLOAD_BYTES.inc(result.size)
         except (TransientError, PermanentError) as exc:
-            discard(tmp)
+            self.store.discard(tmp)
             self.stats.responses[exc.response_code] += 1
             retriable = isinstance(exc, TransientError)
             data = {"attempt": attempt, "response_code": exc.response_code, "error": str(exc)}
@@ -295,10 +299,10 @@ class Processor:
             else:
                 outcome = "failed"
         except asyncio.CancelledError:
-            discard(tmp)
+            self.store.discard(tmp)
             raise
         except Exception as exc:  # a bug must not wedge the job: fail it, visibly
-            discard(tmp)
+            self.store.discard(tmp)
             log.exception("download crashed", job_id=job_id)
             outcome, data = (
                 "failed",

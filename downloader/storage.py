@@ -139,6 +139,11 @@ class Claim:
     jobs: list[dict[str, str]]
 
 
+def _flat(leases: Mapping[str, str]) -> list[str]:
+    """{job id: lease token} as the scripts take it: id, token, id, token..."""
+    return [x for pair in leases.items() for x in pair]
+
+
 class Storage:
     """Job transitions (each one Lua script, one round trip) and the reads the API needs."""
 
@@ -316,8 +321,7 @@ class Storage:
         """Extend leases ({job id: token}); returns the ids no longer held."""
         if not leases:
             return []
-        pairs = [x for item in leases.items() for x in item]
-        return list(await self._run("renew", lease_ms, *pairs))
+        return list(await self._run("renew", lease_ms, *_flat(leases)))
 
     async def requeue_expired(self, limit: int = 100) -> int:
         return int(await self._run("requeue", "lease expired", limit))
@@ -326,8 +330,7 @@ class Storage:
         """Give jobs back to their queues ({job id: token}); returns how many were still held."""
         if not leases:
             return 0
-        pairs = [x for item in leases.items() for x in item]
-        return int(await self._run("requeue", reason, len(leases), *pairs))
+        return int(await self._run("requeue", reason, len(leases), *_flat(leases)))
 
     async def promote_retries(self, limit: int = 500) -> tuple[int, int]:
         """Move due download retries to their queues: (moved, ms until the next one or -1)."""
@@ -475,7 +478,7 @@ class Storage:
             if stats:
                 p.hset(key, mapping=dict(stats))
             p.pexpire(key, ttl_ms)
-            p.zadd(self.keys.instances, {f"{role}:{instance}": ttl_ms})
+            p.zadd(self.keys.instances, {f"{role}:{instance}": int(time.time() * 1000)})
             await p.execute()
 
     async def read_stats(self, role: str) -> list[dict[str, str]]:
