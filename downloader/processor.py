@@ -319,6 +319,8 @@ class Processor:
             recorded = await self._record(job_id, lease, outcome, data, retry_in_ms)
         finally:
             self._recording.discard(job_id)
+        if not recorded and outcome == "succeeded":
+            await self._drop_orphan(job_id)
         if recorded:
             if outcome == "failed":
                 self.stats.failures += 1
@@ -327,6 +329,16 @@ class Processor:
                 self._timer_kick.set()
             else:
                 self.stats.successes += 1
+
+    async def _drop_orphan(self, job_id: str) -> None:
+        """We stored a file but lost the lease. If the job ended without success (aborted,
+        failed elsewhere) nothing will ever reap that file: remove it. If it is still running
+        or succeeded elsewhere, the file at that path is (or will be) that download's."""
+        with contextlib.suppress(*REDIS_DOWN):
+            job = await self.storage.get_job(job_id)
+            if job is not None and job.get("download_state") == "Failed":
+                await asyncio.to_thread(self.store.delete, job_id)
+                log.info("removed the file of a job that ended without us", job_id=job_id)
 
     async def _record(
         self, job_id: str, lease: str, outcome: str, data: dict[str, Any], retry_in_ms: int
