@@ -13,6 +13,18 @@ from typing import Any
 from aiohttp import web
 
 
+def job_request(url: str, callback: str, **fields: Any) -> dict[str, Any]:
+    """A POST /download body with an HTTP callback; `fields` add to or override the defaults."""
+    return {
+        "aggr_id": "t",
+        "aggr_limit": 4,
+        "url": url,
+        "callback_type": "http",
+        "callback_dst": callback,
+        **fields,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,18 +6,11 @@ from pathlib import Path
 
 from tests.conftest import Service
 from tests.images import gif, jpeg, png
-from tests.servers import CallbackReceiver, FileServer, Reply
+from tests.servers import CallbackReceiver, FileServer, Reply, job_request
 
 
 def job_body(files_url: str, receiver: CallbackReceiver, **extra: object) -> dict[str, object]:
-    return {
-        "aggr_id": "a1",
-        "aggr_limit": 4,
-        "url": files_url,
-        "callback_type": "http",
-        "callback_dst": receiver.url("/cb"),
-        **extra,
-    }
+    return job_request(files_url, receiver.url("/cb"), **{"aggr_id": "a1", **extra})
 
 
 async def test_success_echoes_extra_and_stores_identical_bytes(

@@ -15,21 +15,14 @@ import redis.asyncio as aioredis
 
 from tests.conftest import ROOT, Service
 from tests.images import png
-from tests.servers import CallbackReceiver, FileServer, Reply
+from tests.servers import CallbackReceiver, FileServer, Reply, job_request
 
 STREAM_ID = re.compile(r"^\d+-\d+$")
 Snapshot = dict[str, tuple[dict[str, str], int]]
 
 
 def job_body(url: str, receiver: CallbackReceiver, **extra: object) -> dict[str, object]:
-    return {
-        "aggr_id": "ev",
-        "aggr_limit": 4,
-        "url": url,
-        "callback_type": "http",
-        "callback_dst": receiver.url("/cb"),
-        **extra,
-    }
+    return job_request(url, receiver.url("/cb"), **{"aggr_id": "ev", **extra})
 
 
 async def events_of(service: Service, job_id: str) -> list[dict[str, Any]]:

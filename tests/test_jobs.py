@@ -9,17 +9,11 @@ from typing import Any
 from aiohttp import web
 
 from tests.conftest import Service
-from tests.servers import CallbackReceiver, FileServer, Reply, free_port
+from tests.servers import CallbackReceiver, FileServer, Reply, free_port, job_request
 
 
 def body(url: str, receiver: CallbackReceiver, **extra: Any) -> dict[str, Any]:
-    return {
-        "aggr_id": "j",
-        "aggr_limit": 1,
-        "url": url,
-        "callback_url": receiver.url("/cb"),
-        **extra,
-    }
+    return job_request(url, receiver.url("/cb"), **{"aggr_id": "j", "aggr_limit": 1, **extra})
 
 
 class StallingOrigin:

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.conftest import Service
-from tests.servers import CallbackReceiver, FileServer, free_port
+from tests.servers import CallbackReceiver, FileServer, free_port, job_request
 
 
 class SlowOrigin:
@@ -40,13 +40,7 @@ class SlowOrigin:
 
 
 def body(url: str, receiver: CallbackReceiver, **extra: Any) -> dict[str, Any]:
-    return {
-        "aggr_id": "p",
-        "aggr_limit": 2,
-        "url": url,
-        "callback_url": receiver.url("/cb"),
-        **extra,
-    }
+    return job_request(url, receiver.url("/cb"), **{"aggr_id": "p", "aggr_limit": 2, **extra})
 
 
 async def test_a_download_longer_than_its_lease_keeps_it(
