@@ -228,7 +228,10 @@ def _summarise(results: list[dict[str, Any]], burst: bool) -> dict[str, Any]:
 
 
 async def run(
-    rounds: int = 3, paced: bool = True, profile_dir: Path | None = None
+    rounds: int = 3,
+    paced: bool = True,
+    profile_dir: Path | None = None,
+    topologies: tuple[str, ...] = tuple(TOPOLOGIES),
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "jobs": JOBS,
@@ -243,7 +246,7 @@ async def run(
         "paced": {},
     }
     async with Peers() as peers:
-        for topology in TOPOLOGIES:
+        for topology in topologies:
             prof = profile_dir / topology if profile_dir else None
             burst = [
                 await _round(topology, peers, f"b{topology}{n}", None, prof) for n in range(rounds)
@@ -299,8 +302,12 @@ def main() -> None:
         help="run the service processes of the burst rounds under cProfile, leaving "
         "DIR/<topology>/<role>.prof (of the last round); slows the service down",
     )
+    parser.add_argument(
+        "--topology", choices=sorted(TOPOLOGIES), action="append", help="only this one (repeatable)"
+    )
     args = parser.parse_args()
-    result = asyncio.run(run(args.rounds, not args.no_paced, args.profile))
+    topologies = tuple(args.topology or TOPOLOGIES)
+    result = asyncio.run(run(args.rounds, not args.no_paced, args.profile, topologies))
     print(report(result))
     save_json("end_to_end.json", result)
 

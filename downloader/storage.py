@@ -15,6 +15,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
+from downloader.autopipeline import AutoPipeline
 from downloader.config import Config
 from downloader.connections import FollowingMasterPool, NotReplicated, connect, could_take_over
 
@@ -184,27 +185,25 @@ class Storage:
             name: client.register_script(prelude + "\n" + (files / f"{name}.lua").read_text())
             for name in self._SCRIPTS
         }
+        self._pipe = AutoPipeline(client, wait_ms=self._replica_ack_ms)
 
     async def _run(self, name: str, *args: Any) -> Any:
-        return await self._scripts[name](keys=[], args=[*args, self.keys.template, self._settings])
+        return await self._pipe.call(
+            self._scripts[name], (*args, self.keys.template, self._settings)
+        )
 
     async def _run_acked(self, name: str, *args: Any) -> Any:
         """`_run`, then (under Sentinel) WAIT until a replica has the write: an answer a client
         relies on (a 201) must survive a failover to that replica."""
         needed = await self._replica_acks_needed()
-        if needed == 0:
-            return await self._run(name, *args)
-        async with self.r.pipeline(transaction=False) as p:  # WAIT counts this connection's writes
-            await self._scripts[name](
-                keys=[], args=[*args, self.keys.template, self._settings], client=p
+        try:
+            return await self._pipe.call(
+                self._scripts[name], (*args, self.keys.template, self._settings), acks=needed
             )
-            p.execute_command("WAIT", needed, self._replica_ack_ms)
-            res, acked = await p.execute()
-        if int(acked) < needed:
+        except NotReplicated:
             self._acks_checked_at = 0.0
             self.r.connection_pool.recheck_soon()  # a master its replica left may be deposed
-            raise NotReplicated(f"the write reached {acked} of {needed} replica(s) in time")
-        return res
+            raise
 
     async def _replica_acks_needed(self) -> int:
         """1, unless every sentinel names this very master, none is failing it over, and none
