@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
 from downloader.autopipeline import AutoPipeline
@@ -119,7 +121,9 @@ async def test_wait_without_a_replica_fails_only_the_calls_that_asked(
 async def test_a_dead_server_fails_every_call_of_the_batch() -> None:
     from tests.servers import free_port
 
-    c = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2, decode_responses=True)
+    c = aioredis.Redis(
+        port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0), retry_on_error=[]
+    )
     pipe = AutoPipeline(c)
     echo = c.register_script(ECHO)
     replies = await asyncio.gather(
