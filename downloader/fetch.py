@@ -1,8 +1,11 @@
-"""One download: stream a URL to a temporary file, verify it, move it into the file store."""
+"""One download: stream a URL to a temporary file and verify it. The caller moves the file into
+the store on success; on any failure (or cancellation) `fetch` has already removed it, and a
+download that failed before its body never created one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 from dataclasses import dataclass
@@ -72,6 +75,7 @@ async def fetch(session: aiohttp.ClientSession, req: FetchRequest, dest: Path) -
                     code,
                 )
             mime_type, size = await _stream(resp, req, dest)
+            image_size = await _image_size(req, mime_type, dest, code)
     except (TransientError, PermanentError):
         raise
     except TimeoutError as exc:
@@ -93,13 +97,25 @@ async def fetch(session: aiohttp.ClientSession, req: FetchRequest, dest: Path) -
             raise PermanentError(f"TLS error: {exc}", code) from exc
         raise TransientError(f"Connection error: {exc or type(exc).__name__}", code) from exc
 
-    image_size = ""
-    if req.extract_image_size and mime_type in IMAGE_TYPES:
+    return FetchResult(code, mime_type, size, image_size)
+
+
+async def _image_size(req: FetchRequest, mime_type: str, dest: Path, code: int) -> str:
+    if not (req.extract_image_size and mime_type in IMAGE_TYPES):
+        return ""
+    try:
         width, height = await asyncio.to_thread(imagesize.get, str(dest))
         if width <= 0 or height <= 0:
             raise PermanentError(f"Bad image: cannot read the size of this {mime_type}", code)
-        image_size = f"{width}x{height}"
-    return FetchResult(code, mime_type, size, image_size)
+    except BaseException:
+        _remove(dest)
+        raise
+    return f"{width}x{height}"
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -> tuple[str, int]:
@@ -123,10 +139,15 @@ async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view) :]
-    finally:
         os.close(fd)
-    if mime_type is None:
-        mime_type = await _check_mime(bytes(head), req.mime, resp.status)
+        fd = -1
+        if mime_type is None:
+            mime_type = await _check_mime(bytes(head), req.mime, resp.status)
+    except BaseException:  # the file is ours until we return: leave nothing behind
+        if fd >= 0:
+            os.close(fd)
+        _remove(dest)
+        raise
     return mime_type, size
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict
 
 from downloader import metrics
 from downloader.backoff import download_retry_delay_s, should_retry_download
@@ -243,8 +242,11 @@ class Processor:
     # -- one job --------------------------------------------------------------------------------
 
     def _request(self, job: dict[str, str], proxy: str | None) -> FetchRequest:
-        headers: CIMultiDict[str] = CIMultiDict(self.cfg.request_headers)
-        headers.update(json.loads(job.get("request_headers") or "{}"))
+        headers = self.cfg.request_headers
+        if raw := job.get("request_headers"):  # override the defaults name by name, any case
+            overrides: dict[str, str] = json.loads(raw)
+            named = {k.lower() for k in overrides}
+            headers = {k: v for k, v in headers.items() if k.lower() not in named} | overrides
         timeout_s = int(job.get("download_timeout") or 0) or self.cfg.download_timeout_seconds
         pattern = job.get("mime_type") or ""
         return FetchRequest(
@@ -283,8 +285,7 @@ class Processor:
             )
             self.stats.responses[result.response_code] += 1
             metrics.DOWNLOAD_BYTES.inc(result.size)
-        except (TransientError, PermanentError) as exc:
-            self.store.discard(tmp)
+        except (TransientError, PermanentError) as exc:  # fetch left no temp file behind
             self.stats.responses[exc.response_code] += 1
             retriable = isinstance(exc, TransientError)
             data = {"attempt": attempt, "response_code": exc.response_code, "error": str(exc)}
@@ -298,9 +299,6 @@ class Processor:
                 outcome, data = "retry", {**data, "retry_in_ms": retry_in_ms}
             else:
                 outcome = "failed"
-        except asyncio.CancelledError:
-            self.store.discard(tmp)
-            raise
         except Exception as exc:  # a bug must not wedge the job: fail it, visibly
             self.store.discard(tmp)
             log.exception("download crashed", job_id=job_id)

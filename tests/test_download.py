@@ -203,3 +203,26 @@ async def test_download_timeout_trips_on_a_stalled_body(
     assert receiver.for_job(job_id) == []  # the stalled one is still waiting for its timeout
     [cb] = await receiver.wait_for(job_id, timeout=10)
     assert cb["success"] is False and "timed out" in cb["error"]
+
+
+async def test_failures_after_the_body_started_leave_no_temp_file(
+    service: Service, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """A mime mismatch, a bad image and a short body each fail with nothing left in .tmp."""
+    broken = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + b"\x00" * 40
+    jobs = [
+        await service.submit(
+            **job_body(files.add("/m.png", png(4, 4)), receiver, mime_type="image/gif")
+        ),
+        await service.submit(
+            **job_body(files.add("/b.jpg", broken), receiver, extract_image_size=True)
+        ),
+        await service.submit(
+            **job_body(files.add("/s", Reply(b"y" * 5000, truncate_to=10)), receiver, max_retries=0)
+        ),
+    ]
+    for job_id in jobs:
+        [cb] = await receiver.wait_for(job_id)
+        assert cb["success"] is False
+    tmp = Path(service.config.processor.storage_dir) / ".tmp"
+    assert list(tmp.iterdir()) == []
