@@ -28,7 +28,7 @@ from downloader.log import get_logger
 from downloader.mime import MimePattern
 from downloader.netguard import NetworkPolicy
 from downloader.resilience import REDIS_DOWN, forever
-from downloader.storage import Storage
+from downloader.storage import Finish, Storage
 
 __all__ = ["Processor"]
 
@@ -77,7 +77,9 @@ class Processor:
         self.store = FileStore(self.cfg.storage_dir, self.cfg.download_url)
         self.policy = NetworkPolicy.from_config(config.security)
         self.stats = ProcessorStats()
-        self._active: dict[str, asyncio.Task[None]] = {}  # job id -> its download
+        # job id -> its download (whose result is the next job it handed its slot to, if any)
+        self._active: dict[str, asyncio.Task[dict[str, str] | None]] = {}
+        self._not_started: dict[str, str] = {}  # job id -> lease: handed to us while stopping
         self._leases: dict[str, str] = {}  # job id -> lease token of that download's claim
         self._recording: set[str] = set()  # jobs whose outcome finish.lua is writing now
         self._per_aggr: Counter[str] = Counter()
@@ -140,16 +142,19 @@ class Processor:
                 )
             finally:
                 keeper.cancel()
-            for t in pending:
-                t.cancel()
+            for task in pending:
+                task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             unfinished = {jid: tokens[jid] for jid, t in tasks.items() if t in pending}
-            if unfinished:
-                try:
-                    n = await self.storage.release(unfinished)
-                    log.info("handed jobs back", count=n)
-                except REDIS_DOWN:
-                    log.warning("could not hand jobs back; their leases will expire")
+        else:
+            unfinished = {}
+        unfinished |= self._not_started
+        if unfinished:
+            try:
+                n = await self.storage.release(unfinished)
+                log.info("handed jobs back", count=n)
+            except REDIS_DOWN:
+                log.warning("could not hand jobs back; their leases will expire")
         if self._session is not None:
             await self._session.close()
         log.info("processor stopped", instance=self.owner)
@@ -227,7 +232,7 @@ class Processor:
         self.stats.max_workers = max(self.stats.max_workers, self.stats.workers)
         metrics.WORKERS.set(len(self._active))
 
-        def done(_t: asyncio.Task[None]) -> None:
+        def done(_t: asyncio.Task[dict[str, str] | None]) -> None:
             if self._active.get(job_id) is task:
                 del self._active[job_id]
                 del self._leases[job_id]
@@ -235,6 +240,15 @@ class Processor:
             self.stats.worker_pools = len(+self._per_aggr)
             self.stats.workers = len(self._active)
             metrics.WORKERS.set(len(self._active))
+            if not _t.cancelled():
+                if (exc := _t.exception()) is not None:
+                    log.error("download task failed", job_id=job_id, exc_info=exc)
+                elif (next_job := _t.result()) is None:
+                    pass
+                elif self._stopping:  # claimed for us as we stopped: hand it back in _shutdown
+                    self._not_started[next_job["id"]] = next_job["lease"]
+                else:
+                    self._start(aggr, next_job, proxy)  # the slot handed on by finish.lua
             self._kick.set()
 
         task.add_done_callback(done)
@@ -260,7 +274,10 @@ class Processor:
             extract_image_size=job.get("extract_image_size") == "true",
         )
 
-    async def _work(self, job: dict[str, str], proxy: str | None) -> None:
+    async def _work(self, job: dict[str, str], proxy: str | None) -> dict[str, str] | None:
+        """Download one job and record its outcome; returns the aggregation's next job when
+        finish.lua handed this slot on to it (started by the task's done callback, once this
+        one's worker is accounted free)."""
         job_id, lease = job["id"], job["lease"]
         attempt = int(job["download_attempts"])
         tmp = self.store.tmp_path(job_id, lease.replace("/", "."))
@@ -314,9 +331,10 @@ class Processor:
         metrics.DOWNLOADS.labels(outcome).inc()
         self._recording.add(job_id)
         try:
-            recorded = await self._record(job_id, lease, outcome, data, retry_in_ms)
+            finish = await self._record(job_id, lease, outcome, data, retry_in_ms)
         finally:
             self._recording.discard(job_id)
+        recorded = finish.recorded
         if not recorded and outcome == "succeeded":
             await self._drop_orphan(job_id)
         if recorded:
@@ -327,6 +345,15 @@ class Processor:
                 self._timer_kick.set()
             else:
                 self.stats.successes += 1
+        return finish.next_job
+
+    def _hand_on(self) -> bool:
+        """Should the slot this download frees go straight to its aggregation's next job?
+        Yes unless we are stopping or paused, or other aggregations wait for a worker of ours
+        and we have none free: then the slot goes back to the round robin (via the wake)."""
+        if self._stopping or self.stats.paused:
+            return False
+        return not self._hot or self._free() > 0
 
     async def _drop_orphan(self, job_id: str) -> None:
         """We stored a file but lost the lease. If the job ended without success (aborted,
@@ -340,22 +367,30 @@ class Processor:
 
     async def _record(
         self, job_id: str, lease: str, outcome: str, data: dict[str, Any], retry_in_ms: int
-    ) -> bool:
+    ) -> Finish:
         """Write the outcome, riding out a short Redis outage while the lease lasts."""
         deadline = time.monotonic() + self.cfg.lease_ms / 1000
         delay = 0.05
         while True:
             try:
-                ok = await self.storage.finish(job_id, lease, outcome, data, retry_in_ms)
-                if not ok:
+                finish = await self.storage.finish(
+                    job_id,
+                    lease,
+                    outcome,
+                    data,
+                    retry_in_ms,
+                    next_owner=self.owner if self._hand_on() else "",
+                    lease_ms=self.cfg.lease_ms,
+                )
+                if not finish.recorded:
                     log.warning("lease lost before the outcome was written", job_id=job_id)
-                return ok
+                return finish
             except REDIS_DOWN:
                 if time.monotonic() > deadline:
                     log.warning(
                         "redis down past the lease; the job will be requeued", job_id=job_id
                     )
-                    return False
+                    return Finish(False, None)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 

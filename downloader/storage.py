@@ -19,7 +19,7 @@ from downloader.autopipeline import AutoPipeline
 from downloader.config import Config
 from downloader.connections import FollowingMasterPool, NotReplicated, connect, could_take_over
 
-__all__ = ["CALLBACK_GROUP", "Claim", "Keys", "NotReplicated", "Storage", "connect"]
+__all__ = ["CALLBACK_GROUP", "Claim", "Finish", "Keys", "NotReplicated", "Storage", "connect"]
 
 CALLBACK_GROUP = "notifiers"
 
@@ -138,6 +138,20 @@ class Claim:
     ready_left: int
     free_slots: int
     jobs: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What finish.lua did: whether the outcome was recorded (False: the lease was lost), and
+    the next job of the aggregation if the freed slot was handed on to it."""
+
+    recorded: bool
+    next_job: dict[str, str] | None
+
+
+def _job_row(row: Sequence[str | None]) -> dict[str, str]:
+    """A job as claim.lua / finish.lua return it: DOWNLOAD_FIELDS, then the lease token."""
+    return dict(zip((*DOWNLOAD_FIELDS, "lease"), (v or "" for v in row), strict=True))
 
 
 def _flat(leases: Mapping[str, str]) -> list[str]:
@@ -305,16 +319,35 @@ class Storage:
     async def claim(self, aggr_id: str, owner: str, lease_ms: int, count: int) -> Claim:
         """Claim up to `count` jobs; each job dict has its lease token under "lease"."""
         res = await self._run("claim", aggr_id, owner, lease_ms, count, *DOWNLOAD_FIELDS)
-        names = (*DOWNLOAD_FIELDS, "lease")
-        jobs = [dict(zip(names, (v or "" for v in j), strict=True)) for j in res[3:]]
-        return Claim(str(res[0]), int(res[1]), int(res[2]), jobs)
+        return Claim(str(res[0]), int(res[1]), int(res[2]), [_job_row(j) for j in res[3:]])
 
     async def finish(
-        self, job_id: str, lease: str, outcome: str, data: Mapping[str, Any], retry_in_ms: int = 0
-    ) -> bool:
-        """Record a download outcome (succeeded | failed | retry); False if the lease was lost."""
-        res = await self._run("finish", job_id, lease, outcome, json.dumps(data), retry_in_ms)
-        return bool(res[0] == "ok")
+        self,
+        job_id: str,
+        lease: str,
+        outcome: str,
+        data: Mapping[str, Any],
+        retry_in_ms: int = 0,
+        next_owner: str = "",
+        lease_ms: int = 0,
+    ) -> Finish:
+        """Record a download outcome (succeeded | failed | retry), if the lease still holds.
+        With `next_owner`, the freed slot goes straight to the aggregation's next ready job,
+        claimed for `next_owner` for `lease_ms` (no wake, no separate claim)."""
+        res = await self._run(
+            "finish",
+            job_id,
+            lease,
+            outcome,
+            json.dumps(data),
+            retry_in_ms,
+            next_owner,
+            lease_ms,
+            *DOWNLOAD_FIELDS,
+        )
+        if res[0] != "ok":
+            return Finish(False, None)
+        return Finish(True, _job_row(res[2]) if len(res) > 2 else None)
 
     async def renew(self, lease_ms: int, leases: Mapping[str, str]) -> list[str]:
         """Extend leases ({job id: token}); returns the ids no longer held."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,14 @@ def job_request(url: str, callback: str, **fields: Any) -> dict[str, Any]:
         "callback_dst": callback,
         **fields,
     }
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """A bounded poll, for a state reached elsewhere (another OS process, a server's counter)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "never got there"
+        await asyncio.sleep(0.02)
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from aiohttp import web
 from downloader.config import Config
 from downloader.storage import Keys
 from tests.conftest import Proc, wait_http
-from tests.servers import CallbackReceiver, _Server, free_port
+from tests.servers import CallbackReceiver, _Server, free_port, until
 
 BODY = b"0123456789abcdef" * 256  # 4 KiB of text/plain
 MakeConfig = Callable[..., tuple[Path, Config]]
@@ -227,14 +227,6 @@ async def processor_stats(r: aioredis.Redis, keys: Keys) -> list[dict[str, str]]
     members = await r.zrange(keys.instances, 0, -1)
     ids = [m.split(":", 1)[1] for m in members if m.startswith("processor:")]
     return [s for s in [await r.hgetall(keys.stats("processor", i)) for i in ids] if s]
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """A bounded poll, for a state another OS process reaches (e.g. a file it writes)."""
-    deadline = time.monotonic() + 10
-    while not predicate():
-        assert time.monotonic() < deadline, "never got there"
-        await asyncio.sleep(0.02)
 
 
 def owned_by(proc: Proc, owner: str) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.conftest import Service
-from tests.servers import CallbackReceiver, FileServer, free_port, job_request
+from tests.servers import CallbackReceiver, FileServer, free_port, job_request, until
 
 
 class SlowOrigin:
@@ -167,3 +167,27 @@ async def test_file_of_a_failed_callback_goes_with_its_job(
             break
         await asyncio.sleep(0.02)
     assert not path.exists()
+
+
+async def test_a_handed_on_slot_does_not_starve_other_aggregations(
+    service_factory: Any, receiver: CallbackReceiver
+) -> None:
+    """A finishing download hands its slot to the next job of its aggregation only while this
+    processor has workers to spare: with max_workers 2 and a 10-job backlog in one aggregation,
+    a job of another aggregation gets the next free worker instead of waiting for the backlog."""
+    service = await service_factory({"processor": {"max_workers": 2}})
+    origin = SlowOrigin(b"s" * 10_000, 0.2)
+    url = await origin.start()
+    try:
+        busy = [
+            await service.submit(**body(url, receiver, aggr_id="busy", aggr_limit=10))
+            for _ in range(10)
+        ]
+        await until(lambda: origin.requests >= 2)
+        other = await service.submit(**body(url, receiver, aggr_id="other"))
+        await receiver.wait_for(other, timeout=10)
+        done_before = {p["job_id"] for p in receiver.received} & set(busy)
+        assert len(done_before) <= 4, f"{len(done_before)} busy jobs went first"
+        await receiver.wait_total(11, timeout=15)
+    finally:
+        await origin.runner.cleanup()

@@ -63,9 +63,10 @@ async def test_a_stale_claim_of_the_same_owner_cannot_record(make_config: Any) -
         second = (await storage.claim("s", "proc-A", 10_000, 1)).jobs[0]
         assert first["lease"] != second["lease"]
         assert await storage.renew(10_000, {"Job2": first["lease"]}) == ["Job2"]
-        assert not await storage.finish(
+        refused = await storage.finish(
             "Job2", first["lease"], "failed", {"attempt": 1, "response_code": 0, "error": "x"}
         )
+        assert not refused.recorded
         data = {
             "attempt": 1,
             "response_code": 200,
@@ -74,7 +75,7 @@ async def test_a_stale_claim_of_the_same_owner_cannot_record(make_config: Any) -
             "file_bytes": 1,
             "image_size": "",
         }
-        assert await storage.finish("Job2", second["lease"], "succeeded", data)
+        assert (await storage.finish("Job2", second["lease"], "succeeded", data)).recorded
         job = await storage.get_job("Job2")
         assert job is not None and job["download_state"] == "Success"
     finally:
@@ -108,5 +109,72 @@ async def test_release_hands_back_only_jobs_still_held(make_config: Any, tmp_pat
         leases["Rel2"] = "someone-else/0-0"
         assert await storage.release(leases) == 2
         assert await storage.r.lrange(storage.keys.ready("rel"), 0, -1) == ["Rel1", "Rel0"]
+    finally:
+        await storage.close()
+
+
+SUCCEEDED = {
+    "attempt": 1,
+    "response_code": 200,
+    "download_url": "u",
+    "file_mime_type": "text/plain",
+    "file_bytes": 1,
+    "image_size": "",
+}
+
+
+async def test_finish_hands_the_slot_to_the_next_job_without_a_wake(make_config: Any) -> None:
+    """finish with next_owner claims the aggregation's next ready job in the same step: it is
+    returned with its own lease, started, and no wake entry is written (the slot stayed
+    taken). With nothing left to take, the slot frees and the wake is written as before."""
+    storage = await new_storage(make_config)
+    try:
+        for i in range(3):
+            await storage.enqueue(f"Hand{i}", fields("hand", limit=1))
+        [first] = (await storage.claim("hand", "p", 10_000, 5)).jobs
+        wakes = await storage.r.xlen(storage.keys.wake)
+
+        done = await storage.finish("Hand0", first["lease"], "succeeded", SUCCEEDED, 0, "p", 10_000)
+        assert done.recorded and done.next_job is not None
+        nxt = done.next_job
+        assert nxt["id"] == "Hand1" and nxt["lease"].startswith("p/") and nxt["url"]
+        assert await storage.r.smembers(storage.keys.inflight("hand")) == {"Hand1"}
+        assert await storage.r.xlen(storage.keys.wake) == wakes
+        assert (await storage.get_job("Hand1") or {})["download_state"] == "InProgress"
+        assert await storage.pending_aggregations() == [("hand", 1)]
+
+        # a retry hands on too, and the retried job waits in the retry set
+        again = await storage.finish(
+            "Hand1",
+            nxt["lease"],
+            "retry",
+            {"attempt": 1, "response_code": 500, "error": "x"},
+            5_000,
+            "p",
+            10_000,
+        )
+        assert again.next_job is not None and again.next_job["id"] == "Hand2"
+        assert await storage.pending_aggregations() == []
+
+        last = await storage.finish(
+            "Hand2", again.next_job["lease"], "succeeded", SUCCEEDED, 0, "p", 10_000
+        )
+        assert last.recorded and last.next_job is None
+        assert await storage.r.scard(storage.keys.inflight("hand")) == 0
+        assert await storage.r.xlen(storage.keys.wake) == wakes + 1
+    finally:
+        await storage.close()
+
+
+async def test_finish_without_next_owner_frees_the_slot(make_config: Any) -> None:
+    storage = await new_storage(make_config)
+    try:
+        for i in range(2):
+            await storage.enqueue(f"Free{i}", fields("free", limit=1))
+        [first] = (await storage.claim("free", "p", 10_000, 5)).jobs
+        done = await storage.finish("Free0", first["lease"], "succeeded", SUCCEEDED)
+        assert done.recorded and done.next_job is None
+        assert await storage.r.scard(storage.keys.inflight("free")) == 0
+        assert await storage.pending_aggregations() == [("free", 1)]
     finally:
         await storage.close()

@@ -19,15 +19,8 @@ local expiry = now_ms() + lease_ms
 while free > 0 and count > 0 do
   local job_id = redis.call('LPOP', ready)
   if not job_id then break end
-  local job_key = KEY.job(job_id)
-  if redis.call('EXISTS', job_key) == 1 then
-    redis.call('SADD', inflight, job_id)
-    redis.call('ZADD', KEY.leases, expiry, job_id)
-    local attempt = tonumber(redis.call('HGET', job_key, 'download_attempts') or '0') + 1
-    local token = owner .. '/' .. emit(job_id, 'download.started', cjson.encode({attempt = attempt}))
-    redis.call('HSET', KEY.lease_owners, job_id, token)
-    local row = redis.call('HMGET', job_key, unpack(fields))
-    row[#row + 1] = token
+  local row = start_job(aggr_id, job_id, owner, expiry, fields)
+  if row then
     out[#out + 1] = row
     free = free - 1
     count = count - 1

@@ -177,3 +177,20 @@ local function aggr_job_done(aggr_id)
   end
   touch_registry(aggr_id)
 end
+
+-- Start one job popped from the ready queue of its aggregation: take a slot, lease it to
+-- `owner` until `expiry`, emit download.started. Returns the requested projection fields and
+-- the lease token (`owner/<download.started event id>`, unique per claim: the fence for renew
+-- and finish), or nil if the job no longer exists (expired after its retention).
+local function start_job(aggr_id, job_id, owner, expiry, fields)
+  local job_key = KEY.job(job_id)
+  if redis.call('EXISTS', job_key) == 0 then return nil end
+  redis.call('SADD', KEY.inflight(aggr_id), job_id)
+  redis.call('ZADD', KEY.leases, expiry, job_id)
+  local attempt = tonumber(redis.call('HGET', job_key, 'download_attempts') or '0') + 1
+  local token = owner .. '/' .. emit(job_id, 'download.started', cjson.encode({attempt = attempt}))
+  redis.call('HSET', KEY.lease_owners, job_id, token)
+  local row = redis.call('HMGET', job_key, unpack(fields))
+  row[#row + 1] = token
+  return row
+end
