@@ -229,7 +229,7 @@ def _summarise(results: list[dict[str, Any]], burst: bool) -> dict[str, Any]:
 
 async def run(
     rounds: int = 3,
-    paced: bool = True,
+    rates: tuple[float, ...] = (PACED_RATE,),
     profile_dir: Path | None = None,
     topologies: tuple[str, ...] = tuple(TOPOLOGIES),
 ) -> dict[str, Any]:
@@ -252,12 +252,12 @@ async def run(
                 await _round(topology, peers, f"b{topology}{n}", None, prof) for n in range(rounds)
             ]
             out["burst"][topology] = _summarise(burst, True)
-            if paced:
+            for rate in rates:
                 slow = [
-                    await _round(topology, peers, f"p{topology}{n}", PACED_RATE)
+                    await _round(topology, peers, f"p{topology}{rate:g}-{n}", rate)
                     for n in range(rounds)
                 ]
-                out["paced"][topology] = _summarise(slow, False)
+                out["paced"][f"{topology}@{rate:g}"] = _summarise(slow, False)
     return out
 
 
@@ -267,10 +267,10 @@ def report(r: dict[str, Any]) -> str:
         f"{r['aggr_limit']}, {r['mix']}; median-p50 round of {r['rounds']}"
     ]
     for mode in ("burst", "paced"):
-        for topo, t in r[mode].items():
+        for t in r[mode].values():
             ok, allj = t["latency_ok_ms"], t["latency_all_ms"]
             lines += [
-                f"  [{t['submission']}] {TOPOLOGIES[topo]}:",
+                f"  [{t['submission']}] {TOPOLOGIES[t['topology']]}:",
                 f"    wall {t['wall_s']:.2f} s (rounds {t['all_rounds_wall_s']}), POSTing took "
                 f"{t['posting_s']:.2f} s; callbacks {t['callbacks']}/{t['jobs_posted']}, "
                 f"{t['succeeded']} success, all rounds correct: {t['correct']}",
@@ -296,6 +296,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-paced", action="store_true", help="skip the paced comparison")
     parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[PACED_RATE],
+        help=f"arrival rates (jobs/s) of the paced comparison (default {PACED_RATE:g})",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -307,7 +314,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     topologies = tuple(args.topology or TOPOLOGIES)
-    result = asyncio.run(run(args.rounds, not args.no_paced, args.profile, topologies))
+    rates = () if args.no_paced else tuple(args.rates)
+    result = asyncio.run(run(args.rounds, rates, args.profile, topologies))
     print(report(result))
     save_json("end_to_end.json", result)
 

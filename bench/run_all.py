@@ -189,7 +189,7 @@ def main() -> None:
             out[name] = asyncio.run(enqueue.run())
             print(enqueue.report(out[name]))
         elif name == "end_to_end":
-            out[name] = asyncio.run(end_to_end.run())
+            out[name] = asyncio.run(end_to_end.run(rates=(100.0, 500.0)))
             print(end_to_end.report(out[name]))
         else:
             out[name] = asyncio.run(big_file.run())
