@@ -29,6 +29,16 @@ def fields(aggr: str = "s", limit: int = 2) -> dict[str, Any]:
     return req.job_fields(2)
 
 
+SUCCEEDED = {  # the data of a download.succeeded event
+    "attempt": 1,
+    "response_code": 200,
+    "download_url": "u",
+    "file_mime_type": "text/plain",
+    "file_bytes": 1,
+    "image_size": "",
+}
+
+
 async def test_lua_builds_the_same_key_names_as_python(
     make_config: Any, redis_client: aioredis.Redis
 ) -> None:
@@ -67,15 +77,7 @@ async def test_a_stale_claim_of_the_same_owner_cannot_record(make_config: Any) -
             "Job2", first["lease"], "failed", {"attempt": 1, "response_code": 0, "error": "x"}
         )
         assert not refused.recorded
-        data = {
-            "attempt": 1,
-            "response_code": 200,
-            "download_url": "u",
-            "file_mime_type": "text/plain",
-            "file_bytes": 1,
-            "image_size": "",
-        }
-        assert (await storage.finish("Job2", second["lease"], "succeeded", data)).recorded
+        assert (await storage.finish("Job2", second["lease"], "succeeded", SUCCEEDED)).recorded
         job = await storage.get_job("Job2")
         assert job is not None and job["download_state"] == "Success"
     finally:
@@ -111,16 +113,6 @@ async def test_release_hands_back_only_jobs_still_held(make_config: Any, tmp_pat
         assert await storage.r.lrange(storage.keys.ready("rel"), 0, -1) == ["Rel1", "Rel0"]
     finally:
         await storage.close()
-
-
-SUCCEEDED = {
-    "attempt": 1,
-    "response_code": 200,
-    "download_url": "u",
-    "file_mime_type": "text/plain",
-    "file_bytes": 1,
-    "image_size": "",
-}
 
 
 async def test_finish_hands_the_slot_to_the_next_job_without_a_wake(make_config: Any) -> None:
