@@ -13,6 +13,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,13 +23,14 @@ from downloader import metrics
 from downloader.backoff import download_retry_delay_s, should_retry_download
 from downloader.config import Config
 from downloader.errors import PermanentError, TransientError
-from downloader.fetch import FetchRequest, fetch
+from downloader.fetch import FetchRequest, FetchResult, fetch
 from downloader.filestore import FileStore
 from downloader.heartbeat import publish_stats
 from downloader.log import get_logger
 from downloader.mime import MimePattern
 from downloader.netguard import NetworkPolicy
 from downloader.resilience import REDIS_DOWN, forever
+from downloader.s3store import S3Store
 from downloader.storage import Storage
 
 __all__ = ["Processor"]
@@ -76,6 +78,7 @@ class Processor:
         self.storage = storage
         self.owner = instance
         self.store = FileStore(self.cfg.storage_dir, self.cfg.download_url)
+        self.s3 = S3Store(config.s3, self.cfg.max_workers) if config.s3.enabled else None
         self.policy = NetworkPolicy.from_config(config.security)
         self.stats = ProcessorStats()
         self._active: dict[str, asyncio.Task[None]] = {}  # job id -> its download
@@ -153,6 +156,8 @@ class Processor:
                     log.warning("could not hand jobs back; their leases will expire")
         if self._session is not None:
             await self._session.close()
+        if self.s3 is not None:
+            self.s3.close()
         log.info("processor stopped", instance=self.owner)
 
     async def _keep_leases(self) -> None:
@@ -269,13 +274,13 @@ class Processor:
         assert self._session is not None
         try:
             result = await fetch(self._session, self._request(job, proxy), tmp)
-            self.store.commit(tmp, job_id)
+            location = await self._store(job, tmp, result)
             outcome, data = (
                 "succeeded",
                 {
                     "attempt": attempt,
                     "response_code": result.response_code,
-                    "download_url": self.store.url(job_id),
+                    **location,
                     "file_mime_type": result.mime_type,
                     "file_bytes": result.size,
                     "image_size": result.image_size,
@@ -329,6 +334,28 @@ class Processor:
                 self._timer_kick.set()
             else:
                 self.stats.successes += 1
+
+    async def _store(self, job: dict[str, str], tmp: Path, result: FetchResult) -> dict[str, str]:
+        """Put a verified download where the job wants it: the job's S3 bucket, or the file
+        store. Returns the event data saying where; S3 errors keep the download's status."""
+        job_id, bucket = job["id"], job.get("s3_bucket", "")
+        if not bucket:
+            self.store.commit(tmp, job_id)
+            return {"download_url": self.store.url(job_id)}
+        if self.s3 is None:
+            raise PermanentError(
+                "S3 storage is not enabled on this processor (s3.enabled)", result.response_code
+            )
+        key = self.s3.key(job_id)
+        started = time.perf_counter()
+        try:
+            await self.s3.upload(tmp, bucket, job.get("s3_region", ""), key, result.mime_type)
+        except (TransientError, PermanentError) as exc:
+            raise type(exc)(str(exc), result.response_code) from exc
+        finally:
+            metrics.S3_UPLOAD_SECONDS.observe(time.perf_counter() - started)
+        self.store.discard(tmp)
+        return {"download_url": self.s3.url(bucket, key), "s3_bucket": bucket, "s3_key": key}
 
     async def _drop_orphan(self, job_id: str) -> None:
         """We stored a file but lost the lease. If the job ended without success (aborted,
