@@ -336,6 +336,71 @@ async def test_processor_without_s3_fails_a_bucket_job_clearly(
     assert job["download_attempts"] == 1
 
 
+def isolate_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No AWS credentials from this machine: no AWS_* variables, no ~/.aws files, no IMDS."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+async def test_processor_process_configured_by_environment_uses_aws_env_credentials(
+    service_factory: ServiceFactory,
+    make_config: Callable[..., tuple[Path, Any]],
+    spawn: Callable[..., Any],
+    moto: MotoServer,
+    bucket: str,
+    files: FileServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A real `downloader processor` process with S3 set by DOWNLOADER__S3__* only and the
+    keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (boto3's default chain) uploads a job
+    and stops cleanly."""
+    api = await service_factory({"s3": moto.settings()}, {"api"})
+    config_path, _ = make_config(name="processor.json")  # no s3 section in the file
+    isolate_aws_env(monkeypatch, tmp_path)
+    env = {
+        "DOWNLOADER__S3__ENABLED": "true",
+        "DOWNLOADER__S3__ENDPOINT_URL": moto.endpoint,
+        "DOWNLOADER__S3__ADDRESSING_STYLE": "path",
+        "DOWNLOADER__S3__KEY_PREFIX": "env/",
+        "AWS_ACCESS_KEY_ID": "from-env",
+        "AWS_SECRET_ACCESS_KEY": "from-env-secret",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    proc = spawn("processor", config_path)
+    data = b"from a real processor process\n"
+    job_id = await api.submit(**s3_job(files.add("/p.txt", data), bucket))
+    ended = ("Success", "Failed")
+    job = await api.wait_job(job_id, lambda j: j["download_state"] in ended, timeout=20)
+    assert job["download_state"] == "Success", (job, proc.log())
+    assert await get_object(moto, bucket, f"env/{job_id}") == (data, "text/plain")
+    assert await asyncio.to_thread(proc.terminate) == 0
+
+
+async def test_no_credentials_anywhere_fails_the_job_saying_so(
+    service_factory: ServiceFactory,
+    moto: MotoServer,
+    bucket: str,
+    files: FileServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Without keys in the config and none in boto3's default chain, the job fails at once
+    with a sentence saying there are no usable AWS credentials."""
+    isolate_aws_env(monkeypatch, tmp_path)
+    settings = moto.settings(access_key_id=None, secret_access_key=None)
+    svc = await service_factory({"s3": settings}, {"api", "processor"})
+    job_id = await svc.submit(**s3_job(files.add("/c.txt", b"c"), bucket, max_retries=2))
+    job = await svc.wait_job(job_id, lambda j: j["download_state"] == "Failed")
+    assert job["error"].startswith("S3 upload failed: no usable AWS credentials"), job
+    assert job["download_attempts"] == 1
+
+
 @pytest.mark.parametrize(
     ("exc", "kind", "words"),
     [
