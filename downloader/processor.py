@@ -273,6 +273,8 @@ class Processor:
         retry_in_ms = 0
         assert self._session is not None
         try:
+            if job.get("s3_bucket") and self.s3 is None:  # no point downloading it
+                raise PermanentError("S3 storage is not enabled on this processor (s3.enabled)")
             result = await fetch(self._session, self._request(job, proxy), tmp)
             location = await self._store(job, tmp, result)
             outcome, data = (
@@ -342,10 +344,7 @@ class Processor:
         if not bucket:
             self.store.commit(tmp, job_id)
             return {"download_url": self.store.url(job_id)}
-        if self.s3 is None:
-            raise PermanentError(
-                "S3 storage is not enabled on this processor (s3.enabled)", result.response_code
-            )
+        assert self.s3 is not None  # checked before the download
         key = self.s3.key(job_id)
         started = time.perf_counter()
         try:

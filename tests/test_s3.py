@@ -327,13 +327,15 @@ async def test_upload_after_a_crash_goes_again_to_the_same_key(
 async def test_processor_without_s3_fails_a_bucket_job_clearly(
     service_factory: ServiceFactory, moto: MotoServer, bucket: str, files: FileServer
 ) -> None:
-    """A processor whose config lacks s3.enabled fails a job naming a bucket, saying why."""
+    """A processor whose config lacks s3.enabled fails a job naming a bucket, saying why,
+    without downloading it first."""
     api = await service_factory({"s3": moto.settings()}, {"api"})
     job_id = await api.submit(**s3_job(files.add("/n.txt", b"n"), bucket, max_retries=2))
     await service_factory(None, {"processor"})
     job = await api.wait_job(job_id, lambda j: j["download_state"] == "Failed")
     assert job["error"] == "S3 storage is not enabled on this processor (s3.enabled)"
     assert job["download_attempts"] == 1
+    assert files.count("/n.txt") == 0  # refused before downloading
 
 
 def isolate_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ class MotoServer:
                 self.popen.kill()
                 self.popen.wait(10)
         self.popen = None
+        self.log_path.unlink(missing_ok=True)
 
     def client(self) -> Any:
         """A boto3 client of this server, for the tests' own checks."""
