@@ -157,7 +157,9 @@ class DownloadRequest(BaseModel):
         return self.callback_url if self.callback_url is not None else (self.callback_dst or "")
 
     def job_fields(self, default_max_retries: int) -> dict[str, Any]:
-        """The request as stored in the job.accepted event (legacy callback_url normalised)."""
+        """The request as stored in the job.accepted event (legacy callback_url normalised;
+        the S3 fields only when given, so other jobs keep their pre-S3 shape and fingerprint)."""
+        s3 = {"s3_bucket": self.s3_bucket, "s3_region": self.s3_region} if self.s3_bucket else {}
         return {
             "aggr_id": self.aggr_id,
             "aggr_limit": self.aggr_limit,
@@ -171,8 +173,7 @@ class DownloadRequest(BaseModel):
             "extract_image_size": self.extract_image_size,
             "download_timeout": self.download_timeout or 0,
             "request_headers": {k: str(v) for k, v in self.request_headers.items()},
-            "s3_bucket": self.s3_bucket or "",
-            "s3_region": self.s3_region or "",
+            **s3,
         }
 
 
