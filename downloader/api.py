@@ -124,8 +124,8 @@ async def post_download(request: web.Request) -> web.Response:
         raise ValidationFailed("body", f"the body is not valid JSON ({exc})") from None
     except RecursionError:
         raise ValidationFailed("body", "the body is nested too deeply") from None
-    req = parse_download_request(body)
     config = request.app[CONFIG]
+    req = parse_download_request(body, config.s3)
     fields = req.job_fields(config.processor.max_retries)
     key = _idempotency_key(request)
     fingerprint = (
@@ -199,6 +199,13 @@ async def retry_callback(request: web.Request) -> web.Response:
     status, state = await request.app[STORAGE].requeue_callback(job_id)
     if status == "unknown":
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    if status == "no_callback":
+        return _error(
+            409,
+            f"job {job_id} has no callback to retry (it was submitted with s3_bucket and "
+            "no callback)",
+            field="job_id",
+        )
     if status == "not_failed":
         return _error(
             409, f"the callback of job {job_id} has not failed (it is {state})", field="job_id"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,9 +13,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from downloader.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Config", "load_config"]
+__all__ = ["ENV_PREFIX", "Config", "S3Config", "is_bucket_name", "load_config"]
 
 ENV_PREFIX = "DOWNLOADER__"
+
+_BUCKET_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+_IPV4_SHAPE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+# AWS reserves these for access points, Object Lambda, directory and table buckets
+_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+
+
+def is_bucket_name(name: str) -> bool:
+    """An S3 bucket name that is also a valid DNS name (it becomes part of a hostname):
+    3-63 characters, dot-separated labels of lowercase letters, digits and inner hyphens, not
+    shaped like an IPv4 address, none of AWS's reserved prefixes or suffixes."""
+    return (
+        3 <= len(name) <= 63
+        and all(_BUCKET_LABEL.match(label) for label in name.split("."))
+        and not _IPV4_SHAPE.match(name)
+        and not name.startswith(_RESERVED_PREFIXES)
+        and not name.endswith(_RESERVED_SUFFIXES)
+    )
 
 
 class _Section(BaseModel):
@@ -121,6 +141,56 @@ class SecurityConfig(_Section):
         return v
 
 
+class S3Config(_Section):
+    """The S3 destination: jobs naming `s3_bucket` are uploaded there instead of the file store."""
+
+    enabled: bool = False
+    endpoint_url: str | None = None
+    """For S3-compatible stores (MinIO, Ceph, moto); unset: AWS's endpoint of the job's region."""
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    """Both or neither; neither: boto3's default chain (env, shared files, instance role)."""
+    key_prefix: str = Field("", max_length=512)
+    """Object key = key_prefix + job id."""
+    allowed_buckets: list[str] = []
+    """When non-empty, jobs may only name these buckets."""
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    max_attempts: int = Field(3, ge=1, le=20)
+    """Attempts of each S3 request inside one upload (botocore's standard retry mode)."""
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    read_timeout_seconds: float = Field(60.0, gt=0)
+    upload_concurrency: int = Field(4, ge=1, le=64)
+    """Parts of one multipart upload sent in parallel (memory: about this x 8 MiB per upload)."""
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+(/\S*)?$", v):
+            raise ValueError("must be an http(s) URL")
+        return v
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v.startswith("/") or re.search(r"[\x00-\x1f\x7f]", v):
+            raise ValueError("must not start with / nor hold control characters")
+        return v
+
+    @field_validator("allowed_buckets")
+    @classmethod
+    def _buckets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not is_bucket_name(name):
+                raise ValueError(f"{name!r} is not a valid S3 bucket name")
+        return v
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> S3Config:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        return self
+
+
 class LogConfig(_Section):
     format: Literal["json", "console"] = "console"
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
@@ -150,6 +220,7 @@ class Config(_Section):
     security: SecurityConfig = SecurityConfig()
     log: LogConfig = LogConfig()
     events: EventsConfig = EventsConfig()
+    s3: S3Config = S3Config()
 
     @model_validator(mode="after")
     def _export_needs_kafka(self) -> Config:

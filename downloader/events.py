@@ -91,6 +91,17 @@ class DownloadSucceeded(JobEvent):
     file_mime_type: str
     file_bytes: int
     image_size: str
+    s3_bucket: str = ""
+    s3_key: str = ""
+    """Where the file went when the job named a bucket (download_url is then s3://bucket/key)."""
+
+    def data(self) -> dict[str, Any]:
+        """As stored: the S3 fields only on an upload to S3."""
+        out = super().data()
+        if not self.s3_key:
+            out.pop("s3_bucket", None)
+            out.pop("s3_key", None)
+        return out
 
 
 class DownloadFailed(JobEvent):

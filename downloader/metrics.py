@@ -12,6 +12,7 @@ __all__ = [
     "DOWNLOAD_SECONDS",
     "JOBS_ACCEPTED",
     "PAUSED",
+    "S3_UPLOAD_SECONDS",
     "WORKERS",
 ]
 
@@ -25,6 +26,11 @@ DOWNLOAD_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 DOWNLOAD_BYTES = Counter("downloader_download_bytes_total", "Bytes stored")
+S3_UPLOAD_SECONDS = Histogram(
+    "downloader_s3_upload_seconds",
+    "Duration of one upload to S3, successful or not",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 WORKERS = Gauge("downloader_processor_workers", "Downloads in flight in this process")
 PAUSED = Gauge("downloader_processor_paused", "1 while the disk is too full to take jobs")
 CALLBACKS = Counter(

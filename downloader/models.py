@@ -8,14 +8,18 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from downloader.config import S3Config, is_bucket_name
 from downloader.errors import ValidationFailed
 from downloader.mime import MimePattern
 
-__all__ = ["DownloadRequest", "parse_download_request"]
+__all__ = ["DownloadRequest", "check_s3_policy", "parse_download_request"]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# AWS names regions like eu-west-1 or us-gov-east-1; S3-compatible stores use e.g. "auto", "nyc3"
+_REGION = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+_REGION_MAX = 32
 
 
 def _check_http_url(value: str) -> str:
@@ -122,14 +126,25 @@ class DownloadRequest(BaseModel):
         if (self.s3_bucket is None) != (self.s3_region is None):
             field = "s3_region" if self.s3_region is None else "s3_bucket"
             raise ValidationFailed(field, "s3_bucket and s3_region must be given together")
-        if self.s3_bucket is not None:
+        if self.s3_bucket is not None and not is_bucket_name(self.s3_bucket):
             raise ValidationFailed(
-                "s3_bucket", "s3_bucket: S3 storage is not enabled on this service"
+                "s3_bucket",
+                "s3_bucket must be a valid S3 bucket name: 3-63 characters, lowercase letters, "
+                "digits, dots and hyphens, starting and ending with a letter or digit",
             )
-        if self.callback_kind is None:
+        if self.s3_region is not None and not (
+            len(self.s3_region) <= _REGION_MAX and _REGION.match(self.s3_region)
+        ):
+            raise ValidationFailed(
+                "s3_region",
+                f"s3_region must be a region name like eu-west-1 (lowercase letters, digits "
+                f"and single hyphens, at most {_REGION_MAX} characters)",
+            )
+        if self.callback_kind is None and self.s3_bucket is None:
             raise ValidationFailed(
                 "callback_url",
-                "a callback is required: give callback_url or callback_type and callback_dst",
+                "a callback is required unless s3_bucket is given: give callback_url or "
+                "callback_type and callback_dst",
             )
         return self
 
@@ -142,7 +157,9 @@ class DownloadRequest(BaseModel):
         return self.callback_url if self.callback_url is not None else (self.callback_dst or "")
 
     def job_fields(self, default_max_retries: int) -> dict[str, Any]:
-        """The request as stored in the job.accepted event (legacy callback_url normalised)."""
+        """The request as stored in the job.accepted event (legacy callback_url normalised;
+        the S3 fields only when given, so other jobs keep their pre-S3 shape and fingerprint)."""
+        s3 = {"s3_bucket": self.s3_bucket, "s3_region": self.s3_region} if self.s3_bucket else {}
         return {
             "aggr_id": self.aggr_id,
             "aggr_limit": self.aggr_limit,
@@ -156,7 +173,20 @@ class DownloadRequest(BaseModel):
             "extract_image_size": self.extract_image_size,
             "download_timeout": self.download_timeout or 0,
             "request_headers": {k: str(v) for k, v in self.request_headers.items()},
+            **s3,
         }
+
+
+def check_s3_policy(req: DownloadRequest, s3: S3Config) -> None:
+    """Refuse a bucket this service may not write to (S3 off, or not in s3.allowed_buckets)."""
+    if req.s3_bucket is None:
+        return
+    if not s3.enabled:
+        raise ValidationFailed("s3_bucket", "s3_bucket: S3 storage is not enabled on this service")
+    if s3.allowed_buckets and req.s3_bucket not in s3.allowed_buckets:
+        raise ValidationFailed(
+            "s3_bucket", f"s3_bucket {req.s3_bucket!r} is not one of the allowed buckets"
+        )
 
 
 def _wrap(field: str, url: str) -> None:
@@ -177,8 +207,15 @@ _TYPE_WORDS = {
 }
 
 
-def parse_download_request(body: Any) -> DownloadRequest:
-    """Validate a decoded JSON body; raises ValidationFailed naming the first bad field."""
+def parse_download_request(body: Any, s3: S3Config | None = None) -> DownloadRequest:
+    """Validate a decoded JSON body against the rules and, given `s3`, the S3 policy; raises
+    ValidationFailed naming the first bad field."""
+    req = _parse(body)
+    check_s3_policy(req, s3 or S3Config())
+    return req
+
+
+def _parse(body: Any) -> DownloadRequest:
     if not isinstance(body, dict):
         raise ValidationFailed("body", "the body must be a JSON object")
     for key, value in body.items():

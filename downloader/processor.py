@@ -13,6 +13,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,13 +22,14 @@ from downloader import metrics
 from downloader.backoff import download_retry_delay_s, should_retry_download
 from downloader.config import Config
 from downloader.errors import PermanentError, TransientError
-from downloader.fetch import FetchRequest, fetch
+from downloader.fetch import FetchRequest, FetchResult, fetch
 from downloader.filestore import FileStore
 from downloader.heartbeat import publish_stats
 from downloader.log import get_logger
 from downloader.mime import MimePattern
 from downloader.netguard import NetworkPolicy
 from downloader.resilience import REDIS_DOWN, forever
+from downloader.s3store import S3Store
 from downloader.storage import Finish, Storage
 
 __all__ = ["Processor"]
@@ -75,6 +77,7 @@ class Processor:
         self.storage = storage
         self.owner = instance
         self.store = FileStore(self.cfg.storage_dir, self.cfg.download_url)
+        self.s3 = S3Store(config.s3, self.cfg.max_workers) if config.s3.enabled else None
         self.policy = NetworkPolicy.from_config(config.security)
         self.stats = ProcessorStats()
         # job id -> its download (whose result is the next job it handed its slot to, if any)
@@ -157,6 +160,8 @@ class Processor:
                 log.warning("could not hand jobs back; their leases will expire")
         if self._session is not None:
             await self._session.close()
+        if self.s3 is not None:
+            self.s3.close()
         log.info("processor stopped", instance=self.owner)
 
     async def _keep_leases(self) -> None:
@@ -287,14 +292,16 @@ class Processor:
         retry_in_ms = 0
         assert self._session is not None
         try:
+            if job.get("s3_bucket") and self.s3 is None:  # no point downloading it
+                raise PermanentError("S3 storage is not enabled on this processor (s3.enabled)")
             result = await fetch(self._session, self._request(job, proxy), tmp)
-            self.store.commit(tmp, job_id)
+            location = await self._store(job, tmp, result)
             outcome, data = (
                 "succeeded",
                 {
                     "attempt": attempt,
                     "response_code": result.response_code,
-                    "download_url": self.store.url(job_id),
+                    **location,
                     "file_mime_type": result.mime_type,
                     "file_bytes": result.size,
                     "image_size": result.image_size,
@@ -302,7 +309,7 @@ class Processor:
             )
             self.stats.responses[result.response_code] += 1
             metrics.DOWNLOAD_BYTES.inc(result.size)
-        except (TransientError, PermanentError) as exc:  # fetch left no temp file behind
+        except (TransientError, PermanentError) as exc:  # fetch and _store left no temp file
             self.stats.responses[exc.response_code] += 1
             retriable = isinstance(exc, TransientError)
             data = {"attempt": attempt, "response_code": exc.response_code, "error": str(exc)}
@@ -354,6 +361,25 @@ class Processor:
         if self._stopping or self.stats.paused:
             return False
         return not self._hot or self._free() > 0
+
+    async def _store(self, job: dict[str, str], tmp: Path, result: FetchResult) -> dict[str, str]:
+        """Put a verified download where the job wants it: the job's S3 bucket, or the file
+        store. Returns the event data saying where; S3 errors keep the download's status."""
+        job_id, bucket = job["id"], job.get("s3_bucket", "")
+        if not bucket:
+            self.store.commit(tmp, job_id)
+            return {"download_url": self.store.url(job_id)}
+        assert self.s3 is not None  # checked before the download
+        key = self.s3.key(job_id)
+        started = time.perf_counter()
+        try:
+            await self.s3.upload(tmp, bucket, job.get("s3_region", ""), key, result.mime_type)
+        except (TransientError, PermanentError) as exc:
+            raise type(exc)(str(exc), result.response_code) from exc
+        finally:  # uploaded, failed or cancelled: the temp file has served
+            metrics.S3_UPLOAD_SECONDS.observe(time.perf_counter() - started)
+            self.store.discard(tmp)
+        return {"download_url": self.s3.url(bucket, key), "s3_bucket": bucket, "s3_key": key}
 
     async def _drop_orphan(self, job_id: str) -> None:
         """We stored a file but lost the lease. If the job ended without success (aborted,

@@ -33,6 +33,8 @@ DOWNLOAD_FIELDS = (
     "extract_image_size",
     "download_attempts",
     "max_retries",
+    "s3_bucket",
+    "s3_region",
 )
 CALLBACK_FIELDS = (
     "id",

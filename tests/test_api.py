@@ -43,7 +43,8 @@ def job_body(url: str, receiver: CallbackReceiver, **extra: Any) -> dict[str, An
 
 
 async def job_keys(redis_client: aioredis.Redis) -> list[str]:
-    return [k async for k in redis_client.scan_iter(match="dl:job:*")]
+    """Sorted: SCAN's order changes when Redis resizes its table (heartbeats add keys)."""
+    return sorted([k async for k in redis_client.scan_iter(match="dl:job:*")])
 
 
 async def post_raw(service: Service, path: str, data: bytes, **kw: Any) -> tuple[int, str, Any]:

@@ -38,6 +38,12 @@ def test_repository_config_is_valid() -> None:
         ({"notifier": {"signing_secret": "plain"}}, "notifier.signing_secret"),
         ({"log": {"format": "xml"}}, "log.format"),
         ({"api": {"port": 70000}}, "api.port"),
+        ({"s3": {"allowed_buckets": ["Not_A_Bucket"]}}, "s3.allowed_buckets"),
+        ({"s3": {"endpoint_url": "minio:9000"}}, "s3.endpoint_url"),
+        ({"s3": {"key_prefix": "/abs/"}}, "s3.key_prefix"),
+        ({"s3": {"addressing_style": "dns"}}, "s3.addressing_style"),
+        ({"s3": {"access_key_id": "AKIA"}}, "secret_access_key"),
+        ({"s3": {"enabled": "yes please"}}, "s3.enabled"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, data: object, key: str) -> None:
@@ -63,6 +69,24 @@ def test_environment_overrides_keys(tmp_path: Path) -> None:
     assert config.notifier.concurrency == 7
     assert config.notifier.retry_schedule_seconds == [1.0, 2.0]
     assert config.backends.kafka == {"bootstrap.servers": "k:9092"}
+
+
+def test_s3_section_from_the_environment(tmp_path: Path) -> None:
+    """The s3 section is off by default and set like any other through DOWNLOADER__S3__*."""
+    assert load_config(write(tmp_path, {}), environ={}).s3.enabled is False
+    config = load_config(
+        write(tmp_path, {}),
+        environ={
+            "DOWNLOADER__S3__ENABLED": "true",
+            "DOWNLOADER__S3__ENDPOINT_URL": "http://minio:9000",
+            "DOWNLOADER__S3__KEY_PREFIX": "downloads/",
+            "DOWNLOADER__S3__ALLOWED_BUCKETS": '["media", "media.example.com"]',
+        },
+    )
+    assert config.s3.enabled and config.s3.endpoint_url == "http://minio:9000"
+    assert config.s3.key_prefix == "downloads/"
+    assert config.s3.allowed_buckets == ["media", "media.example.com"]
+    assert config.s3.access_key_id is None  # boto3's default credential chain
 
 
 def test_bad_environment_value_names_the_key(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 -- Keys touched: job:{id} + events (job.aborted), aggr:{a}:ready (LREM), retries (ZREM),
 --   leases + lease-owners + aggr:{a}:inflight (a running job loses its lease, so its processor
 --   can no longer record an outcome), aggr:{a}, aggregations, callbacks (XADD: the failure
---   callback), wake (an entry naming the job, so its processor interrupts it now).
+--   callback, if the job has one), wake (an entry naming the job, so its processor interrupts
+--   it now).
 -- Returns: {'ok', event_id} | {'unknown'} | {'finished', download_state}
 local job_id, reason = ARGV[1], ARGV[2]
 local job = redis.call('HMGET', KEY.job(job_id), 'aggr_id', 'download_state')
@@ -18,7 +19,7 @@ redis.call('ZREM', KEY.leases, job_id)
 redis.call('SREM', KEY.inflight(aggr_id), job_id)
 local event_id = emit(job_id, 'job.aborted', cjson.encode({reason = reason}))
 aggr_job_done(aggr_id)
-redis.call('XADD', KEY.callbacks, '*', 'job_id', job_id)
+queue_callback(job_id)
 if running then
   redis.call('XADD', KEY.wake, 'MAXLEN', '~', 10000, '*', 'a', aggr_id, 'abort', job_id)
 else

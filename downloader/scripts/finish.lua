@@ -6,9 +6,9 @@
 -- Keys touched: lease-owners, leases, aggr:{a}:inflight (SREM), job:{id} + events
 --   (download.succeeded | download.failed | download.retry_scheduled), retries (zset job -> due
 --   ms, on 'retry'), aggr:{a} (jobs -1 on a final outcome; deleted when it has no job left),
---   aggregations, callbacks (stream read by notifiers, on a final outcome), wake (only when the
---   slot was not handed on: a slot that stays taken is no news to other processors); with
---   next_owner, what claim.lua touches for one job.
+--   aggregations, callbacks (stream read by notifiers, on a final outcome of a job that has
+--   a callback), wake (only when the slot was not handed on: a slot that stays taken is no
+--   news to other processors); with next_owner, what claim.lua touches for one job.
 -- Returns: {'ok', event_id[, next job row as claim.lua returns it]} | {'stale'} when that
 --   lease was lost (expired, aborted, re-claimed).
 local job_id, token, outcome, data, retry_in = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
@@ -26,7 +26,7 @@ if outcome == 'retry' then
   redis.call('ZADD', KEY.retries, now_ms() + retry_in, job_id)
 else
   event_id = emit(job_id, outcome == 'succeeded' and 'download.succeeded' or 'download.failed', data)
-  redis.call('XADD', KEY.callbacks, '*', 'job_id', job_id)
+  queue_callback(job_id)
 end
 
 local out = {'ok', event_id}

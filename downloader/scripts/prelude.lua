@@ -55,7 +55,11 @@ local function fold(job_id, etype, ts, event_id, d)
     f.id = job_id
     f.created_at = ts
     f.download_state = 'Pending'
-    f.callback_state = 'Pending'
+    -- a job without a callback (it names an S3 bucket) never gets one: say so, not 'Pending'
+    f.callback_state = (d.callback_type or '') == '' and 'NotRequested' or 'Pending'
+    f.s3_bucket = d.s3_bucket or ''
+    f.s3_region = d.s3_region or ''
+    f.s3_key = ''
     f.download_attempts = 0
     f.callback_attempts = 0
     f.response_code = 0
@@ -86,7 +90,10 @@ local function fold(job_id, etype, ts, event_id, d)
     f.file_mime_type = d.file_mime_type
     f.file_bytes = d.file_bytes
     f.image_size = d.image_size
-    f.file_state = 'stored'
+    -- 'stored': in our file store, reaped after the callback; 's3': in the job's bucket, ours
+    -- never to delete
+    f.s3_key = d.s3_key or ''
+    f.file_state = f.s3_key ~= '' and 's3' or 'stored'
   elseif etype == 'download.failed' then
     f.download_state = 'Failed'
     f.outcome_event_id = event_id
@@ -126,8 +133,11 @@ end
 -- A job is settled when nothing more will happen to it unless someone asks: its keys then
 -- expire after the retention period (a later event, e.g. a /retry, makes them persist again).
 local function settled(job_key)
-  local s = redis.call('HMGET', job_key, 'callback_state', 'file_state')
+  local s = redis.call('HMGET', job_key, 'callback_state', 'file_state', 'download_state')
   if s[1] == 'Failed' then return true end
+  if s[1] == 'NotRequested' then
+    return (s[3] == 'Success' or s[3] == 'Failed') and s[2] ~= 'stored'
+  end
   return s[1] == 'Success' and s[2] ~= 'stored'
 end
 
@@ -161,6 +171,13 @@ local function touch_registry(aggr_id)
     redis.call('ZADD', KEY.aggregations, redis.call('LLEN', KEY.ready(aggr_id)), aggr_id)
   else
     redis.call('ZREM', KEY.aggregations, aggr_id)
+  end
+end
+
+-- The download reached its final outcome: hand the callback to the notifiers, if it has one.
+local function queue_callback(job_id)
+  if redis.call('HGET', KEY.job(job_id), 'callback_state') ~= 'NotRequested' then
+    redis.call('XADD', KEY.callbacks, '*', 'job_id', job_id)
   end
 end
 

@@ -1,0 +1,182 @@
+"""The S3 destination: uploads a finished download to the job's bucket with boto3.
+
+boto3's managed `upload_file` (s3transfer) does the work: a single PUT or a multipart upload
+read from the file part by part, so memory does not grow with the file size. It is blocking,
+so it runs on a thread pool of our own (the loop's default pool stays free for the short hops
+other code makes). boto3 clients are thread-safe once created, sessions are not: clients are
+created under a lock, one per region, and shared by every upload."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from downloader.config import S3Config
+from downloader.errors import PermanentError, TransientError
+
+__all__ = ["S3Store", "classify_s3_error"]
+
+# S3 error codes that mean "this bucket or these credentials will not take the object": retrying
+# cannot help. Any other 4xx is also permanent, except the throttling/timeout codes below.
+_PERMANENT_MESSAGES = {
+    "NoSuchBucket": "bucket {bucket!r} does not exist",
+    "AccessDenied": "access to bucket {bucket!r} was denied",
+    "AllAccessDisabled": "access to bucket {bucket!r} is disabled",
+    "InvalidAccessKeyId": "the access key is not valid for bucket {bucket!r}",
+    "SignatureDoesNotMatch": "the secret key is not valid for bucket {bucket!r}",
+    "AccountProblem": "the account of bucket {bucket!r} has a problem",
+    "InvalidBucketName": "bucket name {bucket!r} is not valid",
+}
+_RETRIABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "ExpiredToken",  # temporary credentials: the provider refreshes them
+    }
+)
+
+
+class _Cancelled(Exception):
+    """Raised from the progress callback to stop an upload whose job was cancelled."""
+
+
+def classify_s3_error(exc: BaseException, bucket: str) -> TransientError | PermanentError:
+    """Our error for a failed upload: transient (network, 5xx, throttling) or permanent (no
+    such bucket, access denied, bad credentials, other 4xx). The sentence names the bucket."""
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        detail = err.get("Message") or code or f"HTTP {status}"
+        if code in _PERMANENT_MESSAGES:
+            return PermanentError(
+                f"S3 upload failed: {_PERMANENT_MESSAGES[code].format(bucket=bucket)} ({code})"
+            )
+        message = f"S3 upload failed: bucket {bucket!r}: {detail} ({code or status})"
+        if code in _RETRIABLE_CODES or status >= 500 or status in (408, 429) or status == 0:
+            return TransientError(message)
+        return PermanentError(message)
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return PermanentError(f"S3 upload failed: no usable AWS credentials ({exc})")
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return TransientError(f"S3 upload failed: {exc}")
+    if isinstance(exc, BotoCoreError):
+        return PermanentError(f"S3 upload failed: {exc}")
+    return TransientError(f"S3 upload failed: {type(exc).__name__}: {exc}")
+
+
+class S3Store:
+    """Uploads to `s3://<bucket>/<s3.key_prefix><job id>`; objects are never deleted by us."""
+
+    def __init__(self, cfg: S3Config, max_uploads: int) -> None:
+        self.cfg = cfg
+        self._session = boto3.session.Session(
+            aws_access_key_id=cfg.access_key_id, aws_secret_access_key=cfg.secret_access_key
+        )
+        self._botocore = BotoConfig(
+            s3={"addressing_style": cfg.addressing_style},
+            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            connect_timeout=cfg.connect_timeout_seconds,
+            read_timeout=cfg.read_timeout_seconds,
+            max_pool_connections=max(10, cfg.upload_concurrency * 4),
+        )
+        self._transfer = TransferConfig(max_concurrency=cfg.upload_concurrency)
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max_uploads, thread_name_prefix="s3-upload")
+
+    def key(self, job_id: str) -> str:
+        return f"{self.cfg.key_prefix}{job_id}"
+
+    @staticmethod
+    def url(bucket: str, key: str) -> str:
+        """The `download_url` of an object: the s3:// URI the AWS CLI and SDKs take."""
+        return f"s3://{bucket}/{key}"
+
+    def client(self, region: str) -> Any:
+        """The S3 client of `region`, made once (sessions are not thread-safe; clients are)."""
+        with self._lock:
+            client = self._clients.get(region)
+            if client is None:
+                client = self._session.client(
+                    "s3",
+                    region_name=region,
+                    endpoint_url=self.cfg.endpoint_url,
+                    config=self._botocore,
+                )
+                self._clients[region] = client
+            return client
+
+    async def upload(
+        self, path: Path, bucket: str, region: str, key: str, content_type: str
+    ) -> None:
+        """Upload `path` to `bucket`/`key`, overwriting: a job uploaded twice (its processor
+        died before recording) ends with the same object. Raises TransientError or
+        PermanentError; cancelling this stops the transfer at its next chunk."""
+        cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self._pool, self._upload, path, bucket, region, key, content_type, cancelled
+        )
+        try:
+            await future
+        except asyncio.CancelledError:
+            cancelled.set()  # the thread cannot be interrupted: it stops at its next chunk
+            raise
+        except S3UploadFailedError as exc:  # boto3 wraps the ClientError it was handling
+            cause = exc.__context__ if isinstance(exc.__context__, ClientError) else exc
+            raise classify_s3_error(cause, bucket) from exc
+        except Exception as exc:
+            raise classify_s3_error(exc, bucket) from exc
+
+    def _upload(
+        self,
+        path: Path,
+        bucket: str,
+        region: str,
+        key: str,
+        content_type: str,
+        cancelled: threading.Event,
+    ) -> None:
+        def progress(_bytes: int) -> None:
+            if cancelled.is_set():
+                raise _Cancelled
+
+        self.client(region).upload_file(
+            str(path),
+            bucket,
+            key,
+            ExtraArgs={"ContentType": content_type},
+            Config=self._transfer,
+            Callback=progress,
+        )
+
+    def close(self) -> None:
+        """Stop taking uploads and close the clients' connection pools."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
