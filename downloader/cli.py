@@ -7,8 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import start_http_server
@@ -184,17 +183,6 @@ async def _receive(host: str, port: int) -> int:
     return 0
 
 
-def _event_loop_run(main: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop where it exists (Linux, macOS): the same asyncio API with the loop and
-    its sockets in C, which cut the service's CPU per job by a measured 20-30 %
-    (bench/README.md); the standard loop otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="downloader", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: redis.addr is not set (only `run` embeds a Redis)", file=sys.stderr)
             return 2
         if args.command == "rebuild":
-            return _event_loop_run(_rebuild(config))
-        return _event_loop_run(_run(args, config))
+            return asyncio.run(_rebuild(config))
+        return asyncio.run(_run(args, config))
     except KeyboardInterrupt:
         return 0
     finally:

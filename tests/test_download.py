@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tests.conftest import Service
@@ -226,3 +227,16 @@ async def test_failures_after_the_body_started_leave_no_temp_file(
         assert cb["success"] is False
     tmp = Path(service.config.processor.storage_dir) / ".tmp"
     assert list(tmp.iterdir()) == []
+
+
+async def test_a_multi_megabyte_body_is_stored_byte_identical(
+    service: Service, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """A body larger than the processor's 1 MiB write buffer (written directly at first, then
+    gathered into 1 MiB writes) is stored exactly."""
+    body = os.urandom(3 * 1024 * 1024 + 12_345)
+    job_id = await service.submit(**job_body(files.add("/big.bin", body), receiver))
+    [cb] = await receiver.wait_for(job_id)
+    assert cb["success"] is True
+    stored = Path(service.config.processor.storage_dir) / job_id[:3] / job_id
+    assert stored.read_bytes() == body
