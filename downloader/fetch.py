@@ -33,6 +33,7 @@ IMAGE_TYPES = frozenset(
 )
 _CHUNK = 256 * 1024
 _WRITE_BYTES = 1024 * 1024
+_SMALL_BODY = 256 * 1024  # read whole, then kept in one worker-thread call (see _keep_small)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,12 @@ def _remove(path: Path) -> None:
 
 async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -> tuple[str, int]:
     """Write the body to `dest`; sniff the first bytes and fail fast on a mime mismatch."""
+    small = resp.content_length is not None and resp.content_length <= _SMALL_BODY
+    if small and resp.headers.get("Content-Encoding", "identity") == "identity":
+        # Exactly Content-Length bytes (aiohttp fails a shorter body); a compressed body goes
+        # the streaming way, where max_bytes counts what it inflates to.
+        body = await resp.read()
+        return await asyncio.to_thread(_keep_small, body, req.mime, resp.status, dest), len(body)
     size = 0
     head = bytearray()
     mime_type: str | None = None
@@ -149,6 +156,22 @@ async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -
         _remove(dest)
         raise
     return mime_type, size
+
+
+def _keep_small(body: bytes, pattern: MimePattern | None, code: int, dest: Path) -> str:
+    """A small body, whole: sniff it and, if its type passes, write it to `dest`. One worker-
+    thread call does all the blocking work (libmagic, creating and writing the file), so the
+    event loop never waits on the filesystem for the common case."""
+    mime_type = _verify_mime(sniff(body[:SNIFF_BYTES]), pattern, code)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _Writes(fd).add(body)
+    except BaseException:
+        os.close(fd)
+        _remove(dest)
+        raise
+    os.close(fd)
+    return mime_type
 
 
 class _Writes:
@@ -196,7 +219,10 @@ class _Writes:
 
 
 async def _check_mime(head: bytes, pattern: MimePattern | None, code: int) -> str:
-    mime_type = await asyncio.to_thread(sniff, head)
+    return _verify_mime(await asyncio.to_thread(sniff, head), pattern, code)
+
+
+def _verify_mime(mime_type: str, pattern: MimePattern | None, code: int) -> str:
     if pattern is not None and not pattern.matches(mime_type):
         raise PermanentError(
             f"Expected mime-type to be ({pattern.text}), found ({mime_type})", code
