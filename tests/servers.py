@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 from collections import defaultdict
@@ -189,16 +190,31 @@ class ForwardProxy(_Server):
         await super().close()
 
 
+_REQUEST_LINE = re.compile(rb"(?:GET|HEAD|PUT|POST|DELETE) /\S* HTTP/1\.1")
+
+
 class TcpRelay:
     """Forwards connections from its own loopback port to `target_port`. `stop()` makes that port
     refuse connections and drops the open ones, as a server that went down; `start()` brings it
-    back on the same port (for peers whose state must outlive the outage, e.g. moto's)."""
+    back on the same port (for peers whose state must outlive the outage, e.g. moto's).
+    `hold()` keeps connections open but forwards nothing until `release()`, as a stalled peer;
+    `received` counts the bytes clients sent, `requests` the HTTP request lines among them."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
+        self.received = 0
+        self.requests: list[str] = []
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
 
     async def start(self) -> TcpRelay:
         self._server = await asyncio.start_server(
@@ -223,14 +239,21 @@ class TcpRelay:
         pair = {writer, up_writer}
         self._writers |= pair
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(
+                self._pipe(reader, up_writer, upstream=True), self._pipe(up_reader, writer)
+            )
         finally:
             self._writers -= pair
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool = False
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if upstream:
+                    self.received += len(data)
+                    self.requests += [m.decode() for m in _REQUEST_LINE.findall(data)]
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except OSError:

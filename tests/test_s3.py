@@ -19,7 +19,7 @@ from downloader.errors import PermanentError, TransientError
 from downloader.s3store import classify_s3_error
 from tests.conftest import Service
 from tests.images import png
-from tests.servers import CallbackReceiver, FileServer, TcpRelay, job_request
+from tests.servers import CallbackReceiver, FileServer, TcpRelay, job_request, until
 from tests.support.moto_server import REGION, MotoServer
 
 ServiceFactory = Callable[..., Any]
@@ -572,3 +572,50 @@ async def test_aborting_a_job_without_callback_queues_no_callback(
     assert (job["download_state"], job["callback_state"]) == ("Failed", "NotRequested")
     assert await redis_client.xlen(s3_api.storage.keys.callbacks) == 0
     assert await redis_client.pttl(s3_api.storage.keys.job(job_id)) > 0
+
+
+async def test_aborting_a_job_mid_upload_stops_the_upload_and_keeps_nothing(
+    service_factory: ServiceFactory,
+    moto: MotoServer,
+    bucket: str,
+    files: FileServer,
+    receiver: CallbackReceiver,
+) -> None:
+    """DELETE /jobs/{id} while a multipart upload is stalled: the job fails as aborted at once
+    (callback "Aborted: ..."), its temp file is gone, and once S3 answers again the transfer
+    stops at its next part and aborts the multipart upload: no object, no parts left."""
+    relay = await TcpRelay(moto.port).start()
+    try:
+        settings = moto.settings(
+            endpoint_url=f"http://127.0.0.1:{relay.port}", read_timeout_seconds=30
+        )
+        svc = await service_factory({"s3": settings})
+        relay.hold()
+        body = os.urandom(20 * 1024 * 1024)  # multipart: 8 MiB parts
+        job_id = await svc.submit(
+            **s3_job(files.add("/abort.bin", body), bucket, callback_url=receiver.url("/cb"))
+        )
+        await until(lambda: relay.received > 0)  # the upload has begun: S3 hears nothing back
+        status, answer = await svc.http_delete(f"/jobs/{job_id}")
+        assert status == 200, answer
+        [cb] = await receiver.wait_for(job_id)
+        assert cb["success"] is False and cb["error"].startswith("Aborted"), cb
+        await until(lambda: not list((Path(svc.config.processor.storage_dir) / ".tmp").iterdir()))
+
+        relay.release()
+        # the transfer stops at its next part and aborts the multipart upload it had begun
+        await until(
+            lambda: any(r.startswith("DELETE") and "uploadId=" in r for r in relay.requests)
+        )
+        for _ in range(100):  # that DELETE may still be on its way through the relay
+            left = await asyncio.to_thread(moto.client().list_multipart_uploads, Bucket=bucket)
+            if not left.get("Uploads"):
+                break
+            await asyncio.sleep(0.05)
+        assert not left.get("Uploads"), left
+        assert not any(r.startswith("POST") and "uploadId=" in r for r in relay.requests)
+        assert await object_keys(moto, bucket) == []
+        job = await svc.job(job_id)
+        assert (job["download_state"], job["file_state"]) == ("Failed", "none")
+    finally:
+        await relay.stop()
