@@ -262,7 +262,8 @@ class Processor:
 
     def _request(self, job: dict[str, str], proxy: str | None) -> FetchRequest:
         headers = self.cfg.request_headers
-        if raw := job.get("request_headers"):  # override the defaults name by name, any case
+        raw = job.get("request_headers")
+        if raw and raw != "{}":  # override the defaults name by name, any case
             overrides: dict[str, str] = json.loads(raw)
             named = {k.lower() for k in overrides}
             headers = {k: v for k, v in headers.items() if k.lower() not in named} | overrides
