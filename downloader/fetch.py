@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import imagesize
@@ -120,6 +122,17 @@ def _remove(path: Path) -> None:
         os.unlink(path)
 
 
+def _remove_when_done(path: Path) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback removing `path` once a worker thread that may write it has finished."""
+
+    def done(fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled():
+            fut.exception()  # retrieved: its error no longer matters
+        _remove(path)
+
+    return done
+
+
 async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -> tuple[str, int]:
     """Write the body to `dest`; sniff the first bytes and fail fast on a mime mismatch."""
     small = resp.content_length is not None and resp.content_length <= _SMALL_BODY
@@ -127,7 +140,13 @@ async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -
         # Exactly Content-Length bytes (aiohttp fails a shorter body); a compressed body goes
         # the streaming way, where max_bytes counts what it inflates to.
         body = await resp.read()
-        return await asyncio.to_thread(_keep_small, body, req.mime, resp.status, dest), len(body)
+        loop = asyncio.get_running_loop()
+        kept = loop.run_in_executor(None, _keep_small, body, req.mime, resp.status, dest)
+        try:
+            return await asyncio.shield(kept), len(body)
+        except asyncio.CancelledError:  # the thread runs on and may yet write the file
+            kept.add_done_callback(_remove_when_done(dest))
+            raise
     size = 0
     head = bytearray()
     mime_type: str | None = None
