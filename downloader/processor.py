@@ -32,7 +32,11 @@ from downloader.resilience import REDIS_DOWN, forever
 from downloader.s3store import S3Store
 from downloader.storage import Finish, Storage
 
-__all__ = ["Processor"]
+__all__ = ["HAND_ON_CHAIN", "Processor"]
+
+HAND_ON_CHAIN = 8
+"""How many times in a row a finishing download may hand its slot straight to the next job of
+its aggregation (see Processor._hand_on)."""
 
 log = get_logger(__name__)
 
@@ -83,6 +87,7 @@ class Processor:
         # job id -> its download (whose result is the next job it handed its slot to, if any)
         self._active: dict[str, asyncio.Task[dict[str, str] | None]] = {}
         self._not_started: dict[str, str] = {}  # job id -> lease: handed to us while stopping
+        self._claiming = 0  # workers promised to the claim in flight (see _free)
         self._leases: dict[str, str] = {}  # job id -> lease token of that download's claim
         self._recording: set[str] = set()  # jobs whose outcome finish.lua is writing now
         self._per_aggr: Counter[str] = Counter()
@@ -197,7 +202,8 @@ class Processor:
         self._kick.set()
 
     def _free(self) -> int:
-        return self.cfg.max_workers - len(self._active)
+        """Workers neither busy nor promised to a claim in flight."""
+        return self.cfg.max_workers - len(self._active) - self._claiming
 
     async def _dispatch_step(self) -> None:
         while not self._stopping:
@@ -205,20 +211,25 @@ class Processor:
             self._kick.clear()
             while self._hot and self._free() > 0 and not self.stats.paused and not self._stopping:
                 aggr = next(iter(self._hot))
+                # a fair share of our free workers, so that one aggregation's backlog does not
+                # take them all while others wait (it comes back for more at the back of the line)
+                share = max(1, self._free() // len(self._hot))
                 del self._hot[aggr]  # before the await: a wake arriving meanwhile re-adds it
+                self._claiming = share
                 try:
-                    claim = await self.storage.claim(
-                        aggr, self.owner, self.cfg.lease_ms, self._free()
-                    )
+                    claim = await self.storage.claim(aggr, self.owner, self.cfg.lease_ms, share)
                 except BaseException:
                     self._hot.setdefault(aggr, None)  # Redis down: try it again once back
                     raise
+                finally:
+                    self._claiming = 0
                 for job in claim.jobs:
                     self._start(aggr, job, claim.proxy or None)
                 if claim.ready_left > 0 and claim.free_slots > 0:
                     self._hot[aggr] = None  # more to take once we have room: back of the line
 
-    def _start(self, aggr: str, job: dict[str, str], proxy: str | None) -> None:
+    def _start(self, aggr: str, job: dict[str, str], proxy: str | None, chain: int = 0) -> None:
+        """Run one claimed job; `chain` counts the slot hand-ons that led to it."""
         job_id, token = job["id"], job["lease"]
         if (zombie := self._active.get(job_id)) is not None:
             # Our earlier claim of this job lost its lease (we stalled) and we claimed it anew:
@@ -230,7 +241,7 @@ class Processor:
         self.stats.worker_pools = len(+self._per_aggr)
         self.stats.max_worker_pools = max(self.stats.max_worker_pools, self.stats.worker_pools)
         self.stats.spawned_workers += 1
-        task = asyncio.create_task(self._work(job, proxy), name=f"job:{job_id}")
+        task = asyncio.create_task(self._work(job, proxy, chain), name=f"job:{job_id}")
         self._active[job_id] = task
         self._leases[job_id] = token
         self.stats.workers = len(self._active)
@@ -253,7 +264,7 @@ class Processor:
                 elif self._stopping:  # claimed for us as we stopped: hand it back in _shutdown
                     self._not_started[next_job["id"]] = next_job["lease"]
                 else:
-                    self._start(aggr, next_job, proxy)  # the slot handed on by finish.lua
+                    self._start(aggr, next_job, proxy, chain + 1)  # handed on by finish.lua
             self._kick.set()
 
         task.add_done_callback(done)
@@ -280,7 +291,9 @@ class Processor:
             extract_image_size=job.get("extract_image_size") == "true",
         )
 
-    async def _work(self, job: dict[str, str], proxy: str | None) -> dict[str, str] | None:
+    async def _work(
+        self, job: dict[str, str], proxy: str | None, chain: int = 0
+    ) -> dict[str, str] | None:
         """Download one job and record its outcome; returns the aggregation's next job when
         finish.lua handed this slot on to it (started by the task's done callback, once this
         one's worker is accounted free)."""
@@ -339,7 +352,9 @@ class Processor:
         metrics.DOWNLOADS.labels(outcome).inc()
         self._recording.add(job_id)
         try:
-            finish = await self._record(job_id, lease, outcome, data, retry_in_ms)
+            finish = await self._record(
+                job_id, lease, outcome, data, retry_in_ms, self._hand_on(chain)
+            )
         finally:
             self._recording.discard(job_id)
         recorded = finish.recorded
@@ -355,11 +370,14 @@ class Processor:
                 self.stats.successes += 1
         return finish.next_job
 
-    def _hand_on(self) -> bool:
+    def _hand_on(self, chain: int) -> bool:
         """Should the slot this download frees go straight to its aggregation's next job?
-        Yes unless we are stopping or paused, or other aggregations wait for a worker of ours
-        and we have none free: then the slot goes back to the round robin (via the wake)."""
-        if self._stopping or self.stats.paused:
+        Yes unless we are stopping or paused; or the slot has been handed on HAND_ON_CHAIN
+        times in a row (it then goes back through the wake, so that the slots of a busy
+        aggregation keep spreading over all processors instead of staying with the first one
+        that claimed them); or other aggregations wait for a worker of ours and we have none
+        free (the slot then goes back to the round robin)."""
+        if self._stopping or self.stats.paused or chain >= HAND_ON_CHAIN:
             return False
         return not self._hot or self._free() > 0
 
@@ -393,7 +411,13 @@ class Processor:
                 log.info("removed the file of a job that ended without us", job_id=job_id)
 
     async def _record(
-        self, job_id: str, lease: str, outcome: str, data: dict[str, Any], retry_in_ms: int
+        self,
+        job_id: str,
+        lease: str,
+        outcome: str,
+        data: dict[str, Any],
+        retry_in_ms: int,
+        hand_on: bool,
     ) -> Finish:
         """Write the outcome, riding out a short Redis outage while the lease lasts."""
         deadline = time.monotonic() + self.cfg.lease_ms / 1000
@@ -406,7 +430,7 @@ class Processor:
                     outcome,
                     data,
                     retry_in_ms,
-                    next_owner=self.owner if self._hand_on() else "",
+                    next_owner=self.owner if hand_on else "",
                     lease_ms=self.cfg.lease_ms,
                 )
                 if not finish.recorded:

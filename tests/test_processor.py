@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from downloader.processor import HAND_ON_CHAIN
 from tests.conftest import Service
 from tests.servers import CallbackReceiver, FileServer, free_port, job_request, until
 
@@ -185,9 +186,31 @@ async def test_a_handed_on_slot_does_not_starve_other_aggregations(
         ]
         await until(lambda: origin.requests >= 2)
         other = await service.submit(**body(url, receiver, aggr_id="other"))
-        await receiver.wait_for(other, timeout=10)
-        done_before = {p["job_id"] for p in receiver.received} & set(busy)
-        assert len(done_before) <= 4, f"{len(done_before)} busy jobs went first"
         await receiver.wait_total(11, timeout=15)
+        events = await service.storage.r.xrange(service.storage.keys.events)
+        started = [f["job_id"] for _id, f in events if f["type"] == "download.started"]
+        assert started.index(other) <= 3, f"{started.index(other)} busy jobs went first"
+        assert set(started) == {*busy, other}
     finally:
         await origin.runner.cleanup()
+
+
+async def test_a_slot_is_handed_on_at_most_hand_on_chain_times_in_a_row(
+    service_factory: Any, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """One processor, one aggregation with a single slot, 20 jobs queued before it starts: each
+    finish hands the slot to the next job, except every HAND_ON_CHAIN + 1-th, which frees it
+    through a wake so other processors get their turn; and the last, with nothing left."""
+    api = await service_factory(roles={"api", "notifier"})
+    url = files.add("/chain.txt", b"chained")
+    ids = [
+        await api.submit(**body(url, receiver, aggr_id="chain", aggr_limit=1)) for _ in range(20)
+    ]
+    wake = api.storage.keys.wake
+    wakes_before = await api.storage.r.xlen(wake)
+    await service_factory(roles={"processor"})
+    await receiver.wait_total(20, timeout=15)
+    finish_wakes = await api.storage.r.xlen(wake) - wakes_before
+    runs = [HAND_ON_CHAIN + 1] * (20 // (HAND_ON_CHAIN + 1)) + [20 % (HAND_ON_CHAIN + 1)]
+    assert finish_wakes == len([r for r in runs if r]), (finish_wakes, runs)
+    assert {p["job_id"] for p in receiver.received} == set(ids)
