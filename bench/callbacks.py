@@ -39,7 +39,9 @@ from common import (
     Peers,
     Role,
     bench_config,
+    busy_cores,
     cpu_seconds,
+    cpu_ticks,
     free_port,
     merge,
     save_json,
@@ -47,6 +49,7 @@ from common import (
 
 from downloader.embedded import EmbeddedRedis  # common put the repository on sys.path
 from downloader.storage import Keys
+from tests.servers import wait_http
 from tests.support.kafka_broker import (
     KafkaBroker,
     create_topic,
@@ -59,28 +62,6 @@ CONCURRENCY = (10, 50)  # notifier.concurrency: the default, and the production 
 BACKENDS = ("kafka", "http")
 AGGREGATIONS = 10
 POST_CLIENTS = 50
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    """Machine-wide (busy, total) jiffies from /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return sum(v) - v[3] - v[4], sum(v)
-
-
-async def _wait_http(url: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(url)
-            await asyncio.sleep(0.05)
 
 
 async def _submit(base_url: str, bodies: list[dict[str, Any]]) -> list[str]:
@@ -157,7 +138,7 @@ async def drain(
         processor = Role("processor", path, tmp / "processor.log").start()
         roles.append(processor)
         base_url = f"http://127.0.0.1:{port}"
-        await _wait_http(f"{base_url}/hb")
+        await wait_http(f"{base_url}/hb")
 
         topic = f"bench-callbacks-{uuid.uuid4().hex[:8]}"
         if backend == "kafka":
@@ -184,7 +165,7 @@ async def drain(
             start_id = (await r.xrevrange(keys.events, count=1))[0][0]
 
             redis_cpu0 = cpu_seconds(redis_server.proc.pid) if redis_server.proc else 0.0
-            ticks0 = _cpu_ticks()
+            ticks0 = cpu_ticks()
             spawned = time.monotonic()
             notifier = Role("notifier", path, tmp / "notifier.log").start()
             roles.append(notifier)
@@ -194,7 +175,7 @@ async def drain(
             redis_cpu = (cpu_seconds(redis_server.proc.pid) if redis_server.proc else 0.0) - (
                 redis_cpu0
             )
-            ticks1 = _cpu_ticks()
+            ticks1 = cpu_ticks()
         finally:
             await r.aclose()
 
@@ -210,7 +191,6 @@ async def drain(
                 for rec in await peers.wait_callbacks(jobs, timeout_s=30)
                 if rec["job_id"] in set(ids)
             )
-        cores = os.cpu_count() or 1
         return {
             "backend": backend,
             "kafka_props": (kafka_props or {}) if backend == "kafka" else {},
@@ -225,9 +205,7 @@ async def drain(
             "notifier_cpu_s": round(notifier_cpu, 2),
             "notifier_cpu_ms_per_callback": round(1000 * notifier_cpu / jobs, 3),
             "redis_cpu_s": round(redis_cpu, 2),
-            "machine_busy_cores": round(
-                cores * (ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1]), 2
-            ),
+            "machine_busy_cores": busy_cores(ticks0, ticks1)["busy_cores"],
         }
     finally:
         for role in reversed(roles):

@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,15 +53,10 @@ import redis.asyncio as aioredis  # noqa: E402
 
 from downloader.embedded import EmbeddedRedis  # noqa: E402
 from downloader.storage import Keys  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 FINAL_DOWNLOAD_EVENTS = ("download.succeeded", "download.failed", "job.aborted")
 ROLES = {"api": 2, "processor": 3, "notifier": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,12 +39,26 @@ if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first; the serv
     sys.path.insert(0, str(ROOT))
 
 from downloader.embedded import EmbeddedRedis  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def cpu_ticks() -> tuple[int, int, int]:
+    """Machine-wide (busy, steal, total) jiffies from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]  # idle + iowait
+    steal = v[7] if len(v) > 7 else 0
+    return sum(v) - idle, steal, sum(v)
+
+
+def busy_cores(before: tuple[int, int, int], after: tuple[int, int, int]) -> dict[str, float]:
+    """How many cores were busy (and stolen by the hypervisor) between two cpu_ticks()."""
+    total = max(1, after[2] - before[2])
+    cores = os.cpu_count() or 1
+    return {
+        "busy_cores": round(cores * (after[0] - before[0]) / total, 2),
+        "steal_cores": round(cores * (after[1] - before[1]) / total, 2),
+    }
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import big_file
 import end_to_end
 import enqueue
-from common import ROOT, git_commit, save_json
+from common import ROOT, busy_cores, cpu_ticks, git_commit, save_json
 
 BENCHES = ("enqueue", "end_to_end", "big_file")
 
@@ -49,32 +49,14 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _cpu_ticks() -> tuple[int, int, int]:
-    """Machine-wide (busy, steal, total) jiffies from /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + v[4]  # idle + iowait
-    steal = v[7] if len(v) > 7 else 0
-    return sum(v) - idle, steal, sum(v)
-
-
-def _busy_cores(before: tuple[int, int, int], after: tuple[int, int, int]) -> dict[str, float]:
-    total = max(1, after[2] - before[2])
-    cores = os.cpu_count() or 1
-    return {
-        "busy_cores": round(cores * (after[0] - before[0]) / total, 2),
-        "steal_cores": round(cores * (after[1] - before[1]) / total, 2),
-    }
-
-
 def wait_quiet(max_wait_s: float, threshold_cores: float = 0.3) -> dict[str, Any]:
     """Wait (at most `max_wait_s`) until the machine is nearly idle over a 3 s window: the
     2 cores are shared with other work, which would otherwise land in the numbers."""
     deadline = time.monotonic() + max_wait_s
     while True:
-        t0 = _cpu_ticks()
+        t0 = cpu_ticks()
         time.sleep(3)
-        busy = _busy_cores(t0, _cpu_ticks())
+        busy = busy_cores(t0, cpu_ticks())
         if busy["busy_cores"] <= threshold_cores or time.monotonic() >= deadline:
             return {**busy, "quiet": busy["busy_cores"] <= threshold_cores}
         print(
@@ -183,7 +165,7 @@ def main() -> None:
     for name in args.only:
         print(f"== {name}", flush=True)
         before = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else {}
-        ticks = _cpu_ticks()
+        ticks = cpu_ticks()
         t0 = time.monotonic()
         if name == "enqueue":
             out[name] = asyncio.run(enqueue.run())
@@ -194,7 +176,7 @@ def main() -> None:
         else:
             out[name] = asyncio.run(big_file.run())
             print(big_file.report(out[name]))
-        during = _busy_cores(ticks, _cpu_ticks())
+        during = busy_cores(ticks, cpu_ticks())
         out["machine_load"][name] = {"idle_check_before": before, "during": during}
         print(
             f"   ({time.monotonic() - t0:.0f} s; machine-wide {during['busy_cores']:.2f} cores "

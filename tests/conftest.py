@@ -284,20 +284,4 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
                 p.popen.wait(10)
 
 
-async def wait_http(url: str, timeout: float = 15.0) -> None:
-    """Wait until something answers at `url` (a spawned API coming up)."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while True:
-            try:
-                async with s.get(url) as r:
-                    if r.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(url)
-            await asyncio.sleep(0.05)
-
-
 os.environ.setdefault("PYTHONUNBUFFERED", "1")

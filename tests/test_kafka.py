@@ -25,9 +25,9 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from downloader.config import Config
 from downloader.storage import Keys
-from tests.conftest import Proc, Service, wait_http
+from tests.conftest import Proc, Service
 from tests.images import png
-from tests.servers import CallbackReceiver, FileServer, free_port
+from tests.servers import CallbackReceiver, FileServer, free_port, wait_http
 from tests.support.kafka_broker import (
     KAFKA_VERSION,
     KafkaBroker,

@@ -7,8 +7,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import Service, wait_http
-from tests.servers import CallbackReceiver, FileServer, free_port
+from tests.conftest import Service
+from tests.servers import CallbackReceiver, FileServer, free_port, wait_http
 
 
 async def test_run_mode_metrics_cover_every_role(

@@ -19,8 +19,8 @@ from aiohttp import web
 
 from downloader.config import Config
 from downloader.storage import Keys
-from tests.conftest import Proc, wait_http
-from tests.servers import CallbackReceiver, _Server, free_port
+from tests.conftest import Proc
+from tests.servers import CallbackReceiver, _Server, free_port, wait_http
 
 BODY = b"0123456789abcdef" * 256  # 4 KiB of text/plain
 MakeConfig = Callable[..., tuple[Path, Config]]
