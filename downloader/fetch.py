@@ -34,7 +34,6 @@ IMAGE_TYPES = frozenset(
     }
 )
 _CHUNK = 256 * 1024
-_WRITE_BYTES = 1024 * 1024
 _SMALL_BODY = 256 * 1024  # read whole, then kept in one worker-thread call (see _keep_small)
 
 
@@ -151,7 +150,6 @@ async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -
     head = bytearray()
     mime_type: str | None = None
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    out = _Writes(fd)
     try:
         async for chunk in resp.content.iter_chunked(_CHUNK):
             size += len(chunk)
@@ -163,8 +161,7 @@ async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -
                 head += chunk
                 if len(head) >= SNIFF_BYTES:
                     mime_type = await _check_mime(bytes(head), req.mime, resp.status)
-            out.add(chunk)
-        out.flush()
+            _write_all(fd, chunk)
         os.close(fd)
         fd = -1
         if mime_type is None:
@@ -184,7 +181,7 @@ def _keep_small(body: bytes, pattern: MimePattern | None, code: int, dest: Path)
     mime_type = _verify_mime(sniff(body[:SNIFF_BYTES]), pattern, code)
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _Writes(fd).add(body)
+        _write_all(fd, body)
     except BaseException:
         os.close(fd)
         _remove(dest)
@@ -193,48 +190,12 @@ def _keep_small(body: bytes, pattern: MimePattern | None, code: int, dest: Path)
     return mime_type
 
 
-class _Writes:
-    """The body's chunks, written to `fd`; past the first `_WRITE_BYTES`, in writes of
-    `_WRITE_BYTES`.
-
-    Chunks are as big as what one read of the connection gave: up to 256 KiB on a plain
-    socket with the standard loop, but 64 KiB with uvloop and a TLS record's worth over some
-    transports. On ext4 each write(2) has a fixed cost that dominates at the small sizes:
-    measured on 1 GiB, 64 KiB writes cost ~1.3 s of system CPU, 1 MiB writes ~0.4 s. Small
-    bodies (most jobs) are written as they come: a 1 MiB buffer per download would cost more
-    in page faults than it saves. Writes go to the page cache, so they stay on the loop: a
-    thread hop per write would cost more."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.direct = 0  # bytes written before the buffer was made
-        self.view: memoryview | None = None
-        self.used = 0
-
-    def add(self, chunk: bytes) -> None:
-        n = len(chunk)
-        if self.view is None:
-            if self.direct + n <= _WRITE_BYTES or n >= _WRITE_BYTES:
-                self.direct += n
-                self._write(memoryview(chunk))
-                return
-            self.view = memoryview(bytearray(_WRITE_BYTES))
-        if self.used + n > _WRITE_BYTES:
-            self.flush()
-        if n >= _WRITE_BYTES:
-            self._write(memoryview(chunk))
-        else:
-            self.view[self.used : self.used + n] = chunk
-            self.used += n
-
-    def flush(self) -> None:
-        if self.view is not None and self.used:
-            self._write(self.view[: self.used])
-            self.used = 0
-
-    def _write(self, view: memoryview) -> None:
-        while view:
-            view = view[os.write(self.fd, view) :]
+def _write_all(fd: int, data: bytes) -> None:
+    """Write `data` whole. Writes land in the page cache, so the streaming path makes them on
+    the loop: a thread hop per chunk would cost more than it saves."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 async def _check_mime(head: bytes, pattern: MimePattern | None, code: int) -> str:

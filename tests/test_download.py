@@ -232,8 +232,8 @@ async def test_failures_after_the_body_started_leave_no_temp_file(
 async def test_a_multi_megabyte_body_is_stored_byte_identical(
     service: Service, files: FileServer, receiver: CallbackReceiver
 ) -> None:
-    """A body larger than the processor's 1 MiB write buffer (written directly at first, then
-    gathered into 1 MiB writes) is stored exactly."""
+    """A body too large to be read whole (the streaming path, chunk by chunk) is stored
+    exactly."""
     body = os.urandom(3 * 1024 * 1024 + 12_345)
     job_id = await service.submit(**job_body(files.add("/big.bin", body), receiver))
     [cb] = await receiver.wait_for(job_id)
