@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         ("notifier", "deliver callbacks"),
         ("run", "api, processor and notifier in one process (embeds Redis when none is set)"),
         ("rebuild", "recompute every job projection from its events"),
+        ("check", "validate a configuration file and exit (0: valid, 2: invalid)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument(
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check":
+        print(f"{args.config}: valid configuration")
+        return 0
     configure_logging(config.log)
     embedded = None
     try:

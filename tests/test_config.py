@@ -116,3 +116,23 @@ def test_cli_exits_2_naming_the_key(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "api.port" in proc.stderr
+
+
+def test_check_command_validates_a_file_without_starting_anything(tmp_path: Path) -> None:
+    """`downloader check -c FILE` exits 0 on a valid file and 2 naming the key on a bad one."""
+    good = subprocess.run(
+        [sys.executable, "-m", "downloader", "check", "-c", str(ROOT / "config.json")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert good.returncode == 0, good.stderr
+    assert "valid" in good.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "downloader", "check", "-c", str(write(tmp_path, {"nope": 1}))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2
+    assert "nope: unknown key" in bad.stderr
