@@ -25,6 +25,7 @@ from downloader.config import Config
 from downloader.embedded import EmbeddedRedis
 from downloader.models import parse_download_request
 from downloader.storage import Storage, connect
+from downloader.vocabulary import CallbackOutcome, DownloadOutcome
 from tests.servers import free_port
 
 SUCCEEDED = {
@@ -69,14 +70,14 @@ async def run(jobs: int = 500, aof: bool = True) -> dict[str, Any]:
             (
                 "finish",
                 lambda i: storage.finish(
-                    claimed[i]["id"], claimed[i]["lease"], "succeeded", SUCCEEDED
+                    claimed[i].id, claimed[i].lease, DownloadOutcome.SUCCEEDED, SUCCEEDED
                 ),
             ),
-            ("callback_begin", lambda i: storage.callback_begin(claimed[i]["id"])),
+            ("callback_begin", lambda i: storage.callback_begin(claimed[i].id)),
             (
                 "callback_end",
                 lambda i: storage.callback_end(
-                    claimed[i]["id"], "delivered", {"attempt": 1}, "0-1", 0
+                    claimed[i].id, CallbackOutcome.DELIVERED, {"attempt": 1}, "0-1", 0
                 ),
             ),
         ]

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from downloader import metrics
 from downloader.config import Config
-from downloader.errors import ValidationFailed
-from downloader.events import parse_event
+from downloader.errors import JobNotFound, RequestRefused, StorageUnavailable, ValidationFailed
 from downloader.heartbeat import new_instance_id, publish_stats
 from downloader.ids import is_job_id, new_job_id
 from downloader.log import get_logger
 from downloader.models import parse_download_request
-from downloader.resilience import REDIS_DOWN, forever
+from downloader.resilience import forever
 from downloader.storage import Storage
+from downloader.vocabulary import EventType
 
-__all__ = ["STORAGE", "build_app", "render_job"]
+__all__ = ["STORAGE", "build_app"]
 
 log = get_logger(__name__)
 
@@ -35,39 +34,8 @@ STORAGE = web.AppKey("storage", Storage)
 CONFIG = web.AppKey("config", Config)
 ACCEPTED = web.AppKey("accepted", list[int])  # one cell: jobs this API instance accepted
 
-_INT_FIELDS = (
-    "aggr_limit",
-    "max_retries",
-    "download_timeout",
-    "download_attempts",
-    "callback_attempts",
-    "response_code",
-    "file_bytes",
-)
 _MAX_FIELDS = {"maxWorkerPools", "maxWorkers"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _iso(ms: str) -> str:
-    return (
-        datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
-
-
-def render_job(job: dict[str, str]) -> dict[str, Any]:
-    """A projection as typed JSON (Redis keeps every field as a string)."""
-    out: dict[str, Any] = dict(job)
-    for k in _INT_FIELDS:
-        if k in out:
-            out[k] = int(out[k] or 0)
-    out["extract_image_size"] = out.get("extract_image_size") == "true"
-    out["request_headers"] = json.loads(out.get("request_headers") or "{}")
-    for k in ("created_at", "updated_at"):
-        if out.get(k):
-            out[k] = _iso(out[k])
-    return out
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -79,7 +47,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Every error is JSON that says what went wrong; no input makes a 5xx with a traceback."""
     try:
         return await handler(request)
-    except ValidationFailed as exc:
+    except RequestRefused as exc:
         return _error(exc.status, str(exc), field=exc.field)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONFIG].api.max_body_bytes
@@ -94,7 +62,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed (RFC 9110)
             resp.headers["Allow"] = exc.headers["Allow"]
         return resp
-    except REDIS_DOWN as exc:
+    except StorageUnavailable as exc:
         log.warning("redis unavailable", path=request.path, error=str(exc))
         resp = _error(503, "storage is unavailable, retry shortly")
         resp.headers["Retry-After"] = "1"
@@ -133,25 +101,13 @@ async def post_download(request: web.Request) -> web.Response:
     )
     window_ms = int(config.api.idempotency_window_seconds * 1000)
     # One id per request: if redis-py resends the script after a lost reply, the second run
-    # finds the job already there ("exists"), which means this request was accepted.
-    job_id = new_job_id()
-    status, detail = await request.app[STORAGE].enqueue(job_id, fields, key, fingerprint, window_ms)
-    if status == "replayed":
+    # finds the job already there, which means this request was accepted.
+    job_id, replayed = await request.app[STORAGE].enqueue(
+        new_job_id(), fields, key, fingerprint, window_ms
+    )
+    if replayed:
         return web.json_response(
-            {"id": detail}, status=201, headers={"Idempotent-Replayed": "true"}
-        )
-    if status == "key_conflict":
-        raise ValidationFailed(
-            "Idempotency-Key",
-            f"Idempotency-Key was already used for job {detail} with a different request",
-            status=422,
-        )
-    if status == "proxy_conflict":
-        raise ValidationFailed(
-            "aggr_proxy",
-            f"aggr_proxy differs from the proxy of the existing aggregation {req.aggr_id!r} "
-            f"({detail or 'none'}); it is fixed while the aggregation has jobs",
-            status=409,
+            {"id": job_id}, status=201, headers={"Idempotent-Replayed": "true"}
         )
     metrics.JOBS_ACCEPTED.inc()
     request.app[ACCEPTED][0] += 1
@@ -167,17 +123,19 @@ def _idempotency_key(request: web.Request) -> str:
     return key
 
 
-async def abort_job(request: web.Request) -> web.Response:
-    """DELETE /jobs/{id}: cancel a pending or running download; a failure callback follows."""
+def _job_id(request: web.Request) -> str:
+    """The job id of the path; an id that cannot exist is simply not found."""
     job_id = request.match_info["job_id"]
     if not is_job_id(job_id):
-        raise web.HTTPNotFound(text=f"no job {job_id!r}")
-    status, detail = await request.app[STORAGE].abort(job_id, "cancelled by request")
-    if status == "unknown":
-        raise web.HTTPNotFound(text=f"no job {job_id!r}")
-    if status == "finished":
-        return _error(409, f"the download of job {job_id} already ended ({detail})", field="job_id")
-    return web.json_response({"id": job_id, "download_state": "Failed", "event_id": detail})
+        raise JobNotFound(job_id)
+    return job_id
+
+
+async def abort_job(request: web.Request) -> web.Response:
+    """DELETE /jobs/{id}: cancel a pending or running download; a failure callback follows."""
+    job_id = _job_id(request)
+    event_id = await request.app[STORAGE].abort(job_id, "cancelled by request")
+    return web.json_response({"id": job_id, "download_state": "Failed", "event_id": event_id})
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -187,29 +145,14 @@ async def heartbeat(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(1):
             await request.app[STORAGE].ping()
-    except (TimeoutError, *REDIS_DOWN):
+    except (TimeoutError, StorageUnavailable):
         return web.Response(status=503, text="storage unavailable")
     return web.Response(text="OK")
 
 
 async def retry_callback(request: web.Request) -> web.Response:
-    job_id = request.match_info["job_id"]
-    if not is_job_id(job_id):
-        raise web.HTTPNotFound(text=f"no job {job_id!r}")
-    status, state = await request.app[STORAGE].requeue_callback(job_id)
-    if status == "unknown":
-        raise web.HTTPNotFound(text=f"no job {job_id!r}")
-    if status == "no_callback":
-        return _error(
-            409,
-            f"job {job_id} has no callback to retry (it was submitted with s3_bucket and "
-            "no callback)",
-            field="job_id",
-        )
-    if status == "not_failed":
-        return _error(
-            409, f"the callback of job {job_id} has not failed (it is {state})", field="job_id"
-        )
+    job_id = _job_id(request)
+    await request.app[STORAGE].requeue_callback(job_id)
     return web.json_response({"id": job_id, "callback_state": "Pending"}, status=201)
 
 
@@ -264,28 +207,21 @@ async def instances(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job_id = request.match_info["job_id"]
-    job = await request.app[STORAGE].get_job(job_id) if is_job_id(job_id) else None
-    if job is None:
-        raise web.HTTPNotFound(text=f"no job {job_id!r}")
-    return web.json_response(render_job(job))
+    job = await request.app[STORAGE].get_job(_job_id(request))
+    return web.json_response(job.as_json())
 
 
 async def get_events(request: web.Request) -> web.Response:
-    job_id = request.match_info["job_id"]
-    storage = request.app[STORAGE]
-    entries = await storage.get_events(job_id) if is_job_id(job_id) else []
-    if not entries:
-        raise web.HTTPNotFound(text=f"no job {job_id!r}")
-    return web.json_response(
-        {"events": [parse_event(eid, f, job_id).as_json() for eid, f in entries]}
-    )
+    events = await request.app[STORAGE].get_events(_job_id(request))
+    return web.json_response({"events": [e.as_json() for e in events]})
 
 
 async def recent_failures(request: web.Request) -> web.Response:
     """The latest failed downloads and callbacks, from the tail of the global event stream."""
-    rows = await request.app[STORAGE].recent_events(("download.failed", "callback.failed"), 20)
-    return web.json_response([parse_event(eid, f).as_json() for eid, f in rows])
+    rows = await request.app[STORAGE].recent_events(
+        (EventType.DOWNLOAD_FAILED, EventType.CALLBACK_FAILED), 20
+    )
+    return web.json_response([e.as_json() for e in rows])
 
 
 async def prometheus(_request: web.Request) -> web.Response:

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 __all__ = [
     "BlockedAddressError",
+    "CallbackNotFailed",
     "ConfigError",
+    "Conflict",
+    "DownloadEnded",
     "DownloaderError",
+    "IdempotencyConflict",
+    "JobNotFound",
+    "NoCallback",
     "PermanentError",
+    "ProxyConflict",
+    "RequestRefused",
     "StorageUnavailable",
     "TransientError",
     "ValidationFailed",
@@ -41,14 +49,88 @@ class BlockedAddressError(PermanentError, OSError):
     """A connection to a non-public address was refused by the network policy."""
 
 
-class ValidationFailed(DownloaderError, ValueError):
-    """Client input is invalid: `field` names what, `status` is the HTTP status to answer."""
+class StorageUnavailable(DownloaderError, ConnectionError):
+    """Redis cannot be reached right now (or a write could not be confirmed on a replica):
+    storage raises this, and only this, for an outage."""
 
-    def __init__(self, field: str, message: str, status: int = 400) -> None:
+
+class RequestRefused(DownloaderError):
+    """A request the service will not carry out: `status` is the HTTP answer (4xx), `field`
+    names what the caller got wrong. The API turns each into one JSON error, in one place."""
+
+    status = 400
+
+    def __init__(self, field: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.field = field
-        self.status = status
+        if status is not None:
+            self.status = status
 
 
-class StorageUnavailable(DownloaderError, ConnectionError):
-    """Redis cannot be reached right now."""
+class ValidationFailed(RequestRefused, ValueError):
+    """Client input is invalid."""
+
+
+class JobNotFound(RequestRefused, LookupError):
+    """No job with this id (never was, or expired after its retention)."""
+
+    status = 404
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__("job_id", f"no job {job_id!r}")
+        self.job_id = job_id
+
+
+class Conflict(RequestRefused):
+    """The request is valid but the job or aggregation is not in a state that allows it."""
+
+    status = 409
+
+
+class ProxyConflict(Conflict):
+    """The aggregation has unfinished jobs and another proxy (shown without its password)."""
+
+    def __init__(self, aggr_id: str, shown_proxy: str) -> None:
+        super().__init__(
+            "aggr_proxy",
+            f"aggr_proxy differs from the proxy of the existing aggregation {aggr_id!r} "
+            f"({shown_proxy or 'none'}); it is fixed while the aggregation has jobs",
+        )
+
+
+class IdempotencyConflict(RequestRefused):
+    """The Idempotency-Key was used for another request."""
+
+    status = 422
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            "Idempotency-Key",
+            f"Idempotency-Key was already used for job {job_id} with a different request",
+        )
+        self.job_id = job_id
+
+
+class DownloadEnded(Conflict):
+    """An abort came after the download reached its outcome."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__("job_id", f"the download of job {job_id} already ended ({state})")
+
+
+class CallbackNotFailed(Conflict):
+    """A /retry of a callback that has not failed."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__("job_id", f"the callback of job {job_id} has not failed (it is {state})")
+
+
+class NoCallback(Conflict):
+    """A /retry of a job submitted without a callback."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            "job_id",
+            f"job {job_id} has no callback to retry (it was submitted with s3_bucket and "
+            "no callback)",
+        )

@@ -6,11 +6,14 @@ Events are stored in Redis Streams as the fields `type`, `ts` (ms since the epoc
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from downloader.vocabulary import EventType
 
 __all__ = [
     "EVENT_TYPES",
@@ -36,7 +39,7 @@ class JobEvent(BaseModel):
     """Common fields of every event; subclasses add the data fields."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
-    type: ClassVar[str] = ""
+    type: ClassVar[str] = ""  # an EventType; "" only for a type this version does not know
     v: int = 1
     id: str = ""
     job_id: str = ""
@@ -59,24 +62,24 @@ class JobEvent(BaseModel):
 
 
 class JobAccepted(JobEvent):
-    type: ClassVar[str] = "job.accepted"
+    type: ClassVar[str] = EventType.JOB_ACCEPTED
 
 
 class DownloadStarted(JobEvent):
-    type: ClassVar[str] = "download.started"
+    type: ClassVar[str] = EventType.DOWNLOAD_STARTED
     attempt: int
 
 
 class DownloadRequeued(JobEvent):
     """A processor died (its lease expired) or shut down holding the job."""
 
-    type: ClassVar[str] = "download.requeued"
+    type: ClassVar[str] = EventType.DOWNLOAD_REQUEUED
     attempt: int
     reason: str
 
 
 class DownloadRetryScheduled(JobEvent):
-    type: ClassVar[str] = "download.retry_scheduled"
+    type: ClassVar[str] = EventType.DOWNLOAD_RETRY_SCHEDULED
     attempt: int
     response_code: int
     error: str
@@ -84,7 +87,7 @@ class DownloadRetryScheduled(JobEvent):
 
 
 class DownloadSucceeded(JobEvent):
-    type: ClassVar[str] = "download.succeeded"
+    type: ClassVar[str] = EventType.DOWNLOAD_SUCCEEDED
     attempt: int
     response_code: int
     download_url: str
@@ -105,7 +108,7 @@ class DownloadSucceeded(JobEvent):
 
 
 class DownloadFailed(JobEvent):
-    type: ClassVar[str] = "download.failed"
+    type: ClassVar[str] = EventType.DOWNLOAD_FAILED
     attempt: int
     response_code: int
     error: str
@@ -115,29 +118,29 @@ class DownloadFailed(JobEvent):
 class JobAborted(JobEvent):
     """DELETE /jobs/{id}: the download was cancelled; a failure callback follows."""
 
-    type: ClassVar[str] = "job.aborted"
+    type: ClassVar[str] = EventType.JOB_ABORTED
     reason: str
 
 
 class CallbackAttempted(JobEvent):
-    type: ClassVar[str] = "callback.attempted"
+    type: ClassVar[str] = EventType.CALLBACK_ATTEMPTED
     attempt: int
 
 
 class CallbackRetryScheduled(JobEvent):
-    type: ClassVar[str] = "callback.retry_scheduled"
+    type: ClassVar[str] = EventType.CALLBACK_RETRY_SCHEDULED
     attempt: int
     delivery_error: str
     retry_in_ms: int
 
 
 class CallbackDelivered(JobEvent):
-    type: ClassVar[str] = "callback.delivered"
+    type: ClassVar[str] = EventType.CALLBACK_DELIVERED
     attempt: int
 
 
 class CallbackFailed(JobEvent):
-    type: ClassVar[str] = "callback.failed"
+    type: ClassVar[str] = EventType.CALLBACK_FAILED
     attempt: int
     delivery_error: str
 
@@ -145,14 +148,14 @@ class CallbackFailed(JobEvent):
 class CallbackRequeued(JobEvent):
     """POST /retry/{id}: a fresh round of callback attempts."""
 
-    type: ClassVar[str] = "callback.requeued"
+    type: ClassVar[str] = EventType.CALLBACK_REQUEUED
 
 
 class FileDeleted(JobEvent):
-    type: ClassVar[str] = "file.deleted"
+    type: ClassVar[str] = EventType.FILE_DELETED
 
 
-EVENT_TYPES: dict[str, type[JobEvent]] = {
+EVENT_TYPES: dict[str, type[JobEvent]] = {  # tests/test_contract.py: one class per EventType
     cls.type: cls
     for cls in (
         JobAccepted,
@@ -172,9 +175,16 @@ EVENT_TYPES: dict[str, type[JobEvent]] = {
 }
 
 
+@functools.cache
+def _unknown(etype: str) -> type[JobEvent]:
+    """The class of an event type this version does not know (written by a newer one): its
+    data is kept as it is, and its type name shown."""
+    return type("UnknownEvent", (JobEvent,), {"type": etype})
+
+
 def parse_event(event_id: str, fields: dict[str, str], job_id: str = "") -> JobEvent:
     """A stream entry as an event object; unknown types (from a newer version) keep their data."""
-    cls = EVENT_TYPES.get(fields["type"], JobEvent)
+    cls = EVENT_TYPES.get(fields["type"]) or _unknown(fields["type"])
     ts = datetime.fromtimestamp(int(fields["ts"]) / 1000, tz=UTC)
     data = json.loads(fields.get("data") or "{}")
     event = cls.model_validate(

@@ -17,9 +17,9 @@ import json
 from typing import Any
 
 from downloader.backends.kafka import PollingProducer
+from downloader.errors import StorageUnavailable
 from downloader.events import parse_event
 from downloader.log import get_logger
-from downloader.resilience import REDIS_DOWN
 from downloader.storage import Storage
 
 __all__ = ["EventExporter"]
@@ -60,7 +60,7 @@ class EventExporter:
             # The notifier is stopping: hand the lock over now, not lock_ms later. Whatever was
             # produced but not recorded is sent again by the next exporter (at least once).
             if self._holding:
-                with contextlib.suppress(*REDIS_DOWN, TimeoutError):
+                with contextlib.suppress(StorageUnavailable, TimeoutError):
                     await asyncio.wait_for(self.storage.export_hold(self.owner, "", 1), 1.0)
             raise
 

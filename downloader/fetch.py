@@ -12,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import imagesize
 
 from downloader.errors import PermanentError, TransientError
+from downloader.httperrors import describe
 from downloader.mime import SNIFF_BYTES, MimePattern, sniff
 from downloader.netguard import find_blocked
 
@@ -81,6 +83,11 @@ async def fetch(session: aiohttp.ClientSession, req: FetchRequest, dest: Path) -
             image_size = await _image_size(req, mime_type, dest, code)
     except (TransientError, PermanentError):
         raise
+    except aiohttp.ConnectionTimeoutError as exc:
+        host = urlsplit(req.proxy or req.url).netloc.rpartition("@")[2]
+        raise TransientError(
+            f"could not connect to {host} (no answer within {req.connect_timeout_s:g} s)", code
+        ) from exc
     except TimeoutError as exc:
         raise TransientError(f"Download timed out after {req.timeout_s:g} s", code) from exc
     except aiohttp.ClientConnectorCertificateError as exc:
@@ -98,7 +105,7 @@ async def fetch(session: aiohttp.ClientSession, req: FetchRequest, dest: Path) -
             raise PermanentError(str(blocked), code) from exc
         if isinstance(exc, ssl.SSLError):
             raise PermanentError(f"TLS error: {exc}", code) from exc
-        raise TransientError(f"Connection error: {exc or type(exc).__name__}", code) from exc
+        raise TransientError(describe(exc), code) from exc
 
     return FetchResult(code, mime_type, size, image_size)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -35,7 +36,43 @@ def _check_http_url(value: str) -> str:
         raise ValueError(f"must be a valid URL ({exc})") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an absolute http or https URL")
+    _check_host(parts.hostname)
     return value
+
+
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_NUMERIC = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+
+
+def _check_host(host: str) -> None:
+    """Refuse a host that is not spelled canonically: a name of DNS labels, a bracketed IPv6
+    address, or an IPv4 address as four decimal numbers. Browsers and resolvers read `127.1`,
+    `2130706433` or `0x7f.1` as IPv4 addresses; a URL that means an address must say which."""
+    if ":" in host:  # urlsplit's hostname of "[...]": an IPv6 literal
+        try:
+            if "%" in host:
+                raise ValueError("a zone id")
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"must have a valid IPv6 address, not [{host}]") from None
+        return
+    try:
+        ascii_host = host.encode("idna").decode("ascii")  # maps e.g. fullwidth digits to ASCII
+    except UnicodeError:
+        raise ValueError(f"must have a valid host name, not {host!r}") from None
+    labels = ascii_host.removesuffix(".").split(".")
+    if _NUMERIC.match(labels[-1]):  # read as an IPv4 address (WHATWG URL)
+        try:
+            if ascii_host != host:
+                raise ValueError("not ASCII")
+            ipaddress.IPv4Address(ascii_host)
+        except ValueError:
+            raise ValueError(
+                f"must spell an IPv4 address as four decimal numbers, like 127.0.0.1, not {host!r}"
+            ) from None
+        return
+    if len(ascii_host) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(f"must have a valid host name, not {host!r}")
 
 
 class DownloadRequest(BaseModel):

@@ -13,31 +13,34 @@ from downloader import metrics
 from downloader.backends import Backend, Delivery, Payload
 from downloader.backoff import callback_retry_delay_s
 from downloader.config import Config
+from downloader.errors import StorageUnavailable
 from downloader.exporter import EventExporter
 from downloader.heartbeat import publish_stats
+from downloader.jobs import CallbackJob
 from downloader.log import get_logger
-from downloader.resilience import REDIS_DOWN, forever
+from downloader.resilience import forever
 from downloader.storage import Storage
+from downloader.vocabulary import CallbackOutcome, DownloadState
 
 __all__ = ["Notifier", "callback_payload"]
 
 log = get_logger(__name__)
 
 
-def callback_payload(job: dict[str, str]) -> Payload:
-    """The callback body of SPEC §4, from a job projection."""
-    success = job.get("download_state") == "Success"
+def callback_payload(job: CallbackJob) -> Payload:
+    """The callback body of SPEC §4."""
+    success = job.download_state is DownloadState.SUCCESS
     return {
         "success": success,
-        "error": "" if success else job.get("error", ""),
-        "extra": job.get("extra", ""),
-        "resource_url": job.get("url", ""),
-        "download_url": job.get("download_url", "") if success else "",
-        "job_id": job["id"],
-        "response_code": int(job.get("response_code") or 0),
+        "error": "" if success else job.error,
+        "extra": job.extra,
+        "resource_url": job.url,
+        "download_url": job.download_url if success else "",
+        "job_id": job.id,
+        "response_code": job.response_code,
         "delivered": True,
         "delivery_error": "",
-        "image_size": job.get("image_size", "") if success else "",
+        "image_size": job.image_size if success else "",
     }
 
 
@@ -157,7 +160,7 @@ class Notifier:
     async def _deliver(self, entry_id: str, job_id: str) -> None:
         try:
             await self._attempt(entry_id, job_id)
-        except REDIS_DOWN as exc:
+        except StorageUnavailable as exc:
             # The entry stays pending; reclaim picks it up once Redis is back.
             log.warning(
                 "redis down during a callback; it will be reclaimed", job_id=job_id, error=str(exc)
@@ -165,44 +168,47 @@ class Notifier:
 
     async def _attempt(self, entry_id: str, job_id: str) -> None:
         job = await self.storage.callback_begin(job_id)
-        if not job:
+        if job is None:
             await self.storage.callback_skip(entry_id)
             return
-        attempt = int(job["callback_attempts"])
-        kind = job.get("callback_type", "")
-        backend = self.backends.get(kind)
+        attempt = job.callback_attempts
+        backend = self.backends.get(job.callback_type)
         started = time.perf_counter()
         if backend is None:
             result = Delivery(
-                False, f"callback_type {kind!r} is not enabled on this notifier", permanent=True
+                False,
+                f"callback_type {job.callback_type!r} is not enabled on this notifier",
+                permanent=True,
             )
         else:
             result = await backend.deliver(
-                job_id, job["outcome_event_id"], job["callback_dst"], callback_payload(job)
+                job.id, job.outcome_event_id, job.callback_dst, callback_payload(job)
             )
-        metrics.CALLBACK_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        metrics.CALLBACK_SECONDS.labels(job.callback_type).observe(time.perf_counter() - started)
         data: dict[str, Any] = {"attempt": attempt}
+        delay_s = None
         if result.delivered:
-            outcome, delay_ms = "delivered", int(self.cfg.deletion_interval * 60_000)
+            outcome, delay_ms = CallbackOutcome.DELIVERED, int(self.cfg.deletion_interval * 60_000)
             self.successful += 1
         else:
-            delay_s = (
-                None
-                if result.permanent
-                else callback_retry_delay_s(attempt, self.cfg.retry_schedule_seconds)
-            )
+            if not result.permanent:
+                delay_s = callback_retry_delay_s(attempt, self.cfg.retry_schedule_seconds)
             data["delivery_error"] = result.error
             if delay_s is None:
-                outcome, delay_ms = "failed", 0
+                outcome, delay_ms = CallbackOutcome.FAILED, 0
                 self.failed += 1
             else:
-                outcome, delay_ms = "retry", int(delay_s * 1000)
+                outcome, delay_ms = CallbackOutcome.RETRY, int(delay_s * 1000)
                 data["retry_in_ms"] = delay_ms
                 self.retried += 1
-        metrics.CALLBACKS.labels(kind, outcome).inc()
+        metrics.CALLBACKS.labels(job.callback_type, outcome).inc()
         await self.storage.callback_end(job_id, outcome, data, entry_id, delay_ms)
-        if outcome == "retry":
+        if outcome is CallbackOutcome.RETRY:
             self._timer_kick.set()
-        log.debug(
-            "callback attempt", job_id=job_id, attempt=attempt, outcome=outcome, error=result.error
-        )
+        ids = {"job_id": job.id, "aggr_id": job.aggr_id, "attempt": attempt}
+        if outcome is CallbackOutcome.DELIVERED:
+            log.info("callback delivered", **ids, callback_type=job.callback_type)
+        elif outcome is CallbackOutcome.RETRY:
+            log.info("callback retry scheduled", **ids, error=result.error, retry_in_ms=delay_ms)
+        else:
+            log.info("callback failed", **ids, error=result.error)

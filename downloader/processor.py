@@ -1,15 +1,19 @@
-"""The processor: claims jobs within each aggregation's global cap and downloads them.
+"""The processor: claims jobs within each aggregation's global cap, downloads them, records
+each outcome.
 
-Work is found by blocking reads of the wake stream (every enqueue, finished download and due
-retry announces its aggregation there), never by polling; a slow rescan of the registry is
-only the safety net. Each claimed job holds a lease that a background loop renews; a lease
-that runs out (the processor died) hands the job back to its queue."""
+A job's way through here reads top to bottom: `_dispatch_step` claims jobs of an aggregation
+that has work (found by blocking reads of the wake stream: every enqueue, finished download and
+due retry announces its aggregation there; a slow rescan of the registry is only the safety
+net), `_worker` runs a claimed job: `_download` (fetch, verify, store) then `_record` (the
+outcome, fenced by the claim's lease). Recording can hand the freed slot straight to the
+aggregation's next job, which the same worker then runs. Each claimed job holds a lease that
+`_renew_step` extends; a lease that runs out (the processor died) hands the job back to its
+queue (see upkeep.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,16 +25,19 @@ import aiohttp
 from downloader import metrics
 from downloader.backoff import download_retry_delay_s, should_retry_download
 from downloader.config import Config
-from downloader.errors import PermanentError, TransientError
+from downloader.errors import JobNotFound, PermanentError, StorageUnavailable, TransientError
 from downloader.fetch import FetchRequest, FetchResult, fetch
 from downloader.filestore import FileStore
 from downloader.heartbeat import publish_stats
+from downloader.jobs import ClaimedJob
 from downloader.log import get_logger
 from downloader.mime import MimePattern
 from downloader.netguard import NetworkPolicy
-from downloader.resilience import REDIS_DOWN, forever
+from downloader.resilience import forever
 from downloader.s3store import S3Store
 from downloader.storage import Finish, Storage
+from downloader.upkeep import Upkeep
+from downloader.vocabulary import DownloadOutcome, DownloadState
 
 __all__ = ["HAND_ON_CHAIN", "Processor"]
 
@@ -74,6 +81,15 @@ class ProcessorStats:
         return out
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """How one download attempt went, as finish.lua records it."""
+
+    outcome: DownloadOutcome
+    data: dict[str, Any]
+    retry_in_ms: int = 0
+
+
 class Processor:
     def __init__(self, config: Config, storage: Storage, instance: str) -> None:
         self.config = config
@@ -84,8 +100,9 @@ class Processor:
         self.s3 = S3Store(config.s3, self.cfg.max_workers) if config.s3.enabled else None
         self.policy = NetworkPolicy.from_config(config.security)
         self.stats = ProcessorStats()
-        # job id -> its download (whose result is the next job it handed its slot to, if any)
-        self._active: dict[str, asyncio.Task[dict[str, str] | None]] = {}
+        self.upkeep = Upkeep(self.cfg, storage, self.store, on_resume=self._rescan)
+        # job id -> the worker running it (a worker runs one job, then those handed on to it)
+        self._active: dict[str, asyncio.Task[None]] = {}
         self._not_started: dict[str, str] = {}  # job id -> lease: handed to us while stopping
         self._claiming = 0  # workers promised to the claim in flight (see _free)
         self._leases: dict[str, str] = {}  # job id -> lease token of that download's claim
@@ -93,7 +110,6 @@ class Processor:
         self._per_aggr: Counter[str] = Counter()
         self._hot: dict[str, None] = {}  # aggregations that may have ready jobs, in turn order
         self._kick = asyncio.Event()
-        self._timer_kick = asyncio.Event()
         self._stopping = False
         self._session: aiohttp.ClientSession | None = None
 
@@ -110,20 +126,9 @@ class Processor:
             for name, step in (
                 ("wake", self._wake_step),
                 ("dispatch", self._dispatch_step),
-                ("timer", self._timer_step),
                 ("renew", self._renew_step),
-                ("disk", self._disk_step),
-                ("sweep", self._sweep_step),
-                (
-                    "stats",
-                    lambda: publish_stats(
-                        self.storage,
-                        "processor",
-                        self.owner,
-                        self.stats.as_dict,
-                        self.cfg.stats_interval,
-                    ),
-                ),
+                ("stats", self._stats_step),
+                *self.upkeep.steps(),
             )
         ]
         log.info("processor started", instance=self.owner, max_workers=self.cfg.max_workers)
@@ -132,10 +137,16 @@ class Processor:
         finally:
             await self._shutdown(loops)
 
+    async def _stats_step(self) -> None:
+        self.stats.paused = int(self.upkeep.paused)
+        await publish_stats(
+            self.storage, "processor", self.owner, self.stats.as_dict, self.cfg.stats_interval
+        )
+
     async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
         self._stopping = True
         self._kick.set()
-        self._timer_kick.set()
+        self.upkeep.kick()
         for t in loops:
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
@@ -161,7 +172,7 @@ class Processor:
             try:
                 n = await self.storage.release(unfinished)
                 log.info("handed jobs back", count=n)
-            except REDIS_DOWN:
+            except StorageUnavailable:
                 log.warning("could not hand jobs back; their leases will expire")
         if self._session is not None:
             await self._session.close()
@@ -173,7 +184,7 @@ class Processor:
         """Renew the leases of the downloads still finishing during the shutdown grace."""
         while self._active:
             await asyncio.sleep(self.cfg.lease_ms / 3000)
-            with contextlib.suppress(*REDIS_DOWN):
+            with contextlib.suppress(StorageUnavailable):
                 await self.storage.renew(self.cfg.lease_ms, dict(self._leases))
 
     # -- finding work ---------------------------------------------------------------------------
@@ -209,7 +220,7 @@ class Processor:
         while not self._stopping:
             await self._kick.wait()
             self._kick.clear()
-            while self._hot and self._free() > 0 and not self.stats.paused and not self._stopping:
+            while self._hot and self._free() > 0 and not self.upkeep.paused and not self._stopping:
                 aggr = next(iter(self._hot))
                 # a fair share of our free workers, so that one aggregation's backlog does not
                 # take them all while others wait (it comes back for more at the back of the line)
@@ -228,92 +239,110 @@ class Processor:
                 if claim.ready_left > 0 and claim.free_slots > 0:
                     self._hot[aggr] = None  # more to take once we have room: back of the line
 
-    def _start(self, aggr: str, job: dict[str, str], proxy: str | None, chain: int = 0) -> None:
-        """Run one claimed job; `chain` counts the slot hand-ons that led to it."""
-        job_id, token = job["id"], job["lease"]
-        if (zombie := self._active.get(job_id)) is not None:
-            # Our earlier claim of this job lost its lease (we stalled) and we claimed it anew:
-            # the old download can no longer record anything, so stop it.
-            zombie.cancel()
-        if self._per_aggr[aggr] == 0:
-            self.stats.spawned_worker_pools += 1
-        self._per_aggr[aggr] += 1
-        self.stats.worker_pools = len(+self._per_aggr)
-        self.stats.max_worker_pools = max(self.stats.max_worker_pools, self.stats.worker_pools)
-        self.stats.spawned_workers += 1
-        task = asyncio.create_task(self._work(job, proxy, chain), name=f"job:{job_id}")
-        self._active[job_id] = task
-        self._leases[job_id] = token
-        self.stats.workers = len(self._active)
-        self.stats.max_workers = max(self.stats.max_workers, self.stats.workers)
-        metrics.WORKERS.set(len(self._active))
+    def _start(self, aggr: str, job: ClaimedJob, proxy: str | None) -> None:
+        """Run one claimed job (and whatever is handed on to it) on a worker of its own."""
+        task = asyncio.create_task(self._worker(aggr, job, proxy), name=f"job:{job.id}")
+        self._take(aggr, job, task)
+        self._count_workers()
 
-        def done(_t: asyncio.Task[dict[str, str] | None]) -> None:
-            if self._active.get(job_id) is task:
-                del self._active[job_id]
-                del self._leases[job_id]
-            self._per_aggr[aggr] -= 1
-            self.stats.worker_pools = len(+self._per_aggr)
-            self.stats.workers = len(self._active)
-            metrics.WORKERS.set(len(self._active))
-            if not _t.cancelled():
-                if (exc := _t.exception()) is not None:
-                    log.error("download task failed", job_id=job_id, exc_info=exc)
-                elif (next_job := _t.result()) is None:
-                    pass
-                elif self._stopping:  # claimed for us as we stopped: hand it back in _shutdown
-                    self._not_started[next_job["id"]] = next_job["lease"]
-                else:
-                    self._start(aggr, next_job, proxy, chain + 1)  # handed on by finish.lua
+        def done(_t: asyncio.Task[None]) -> None:
+            # a worker cancelled before it ran never reached its own clean-up
+            self._drop(aggr, job, task)
+            self._count_workers()
+            if not _t.cancelled() and (exc := _t.exception()) is not None:
+                log.error("worker failed", aggr_id=aggr, exc_info=exc)
             self._kick.set()
 
         task.add_done_callback(done)
 
-    # -- one job --------------------------------------------------------------------------------
+    def _take(self, aggr: str, job: ClaimedJob, task: asyncio.Task[None]) -> None:
+        """Book `job` on the worker `task`: its lease is renewed from now on."""
+        if (zombie := self._active.get(job.id)) is not None:
+            # Our earlier claim of this job lost its lease (we stalled) and we claimed it anew:
+            # the old download can no longer record anything, so stop it.
+            zombie.cancel()
+            self._per_aggr[aggr] -= 1
+        if self._per_aggr[aggr] == 0:
+            self.stats.spawned_worker_pools += 1
+        self._per_aggr[aggr] += 1
+        self._active[job.id] = task
+        self._leases[job.id] = job.lease
+        self.stats.spawned_workers += 1
 
-    def _request(self, job: dict[str, str], proxy: str | None) -> FetchRequest:
+    def _drop(self, aggr: str, job: ClaimedJob, task: asyncio.Task[None]) -> None:
+        """The worker `task` is done with `job` (recorded, abandoned or cancelled)."""
+        if self._active.get(job.id) is task:
+            del self._active[job.id]
+            del self._leases[job.id]
+            self._per_aggr[aggr] -= 1
+
+    def _count_workers(self) -> None:
+        self.stats.workers = len(self._active)
+        self.stats.max_workers = max(self.stats.max_workers, self.stats.workers)
+        self.stats.worker_pools = len(+self._per_aggr)
+        self.stats.max_worker_pools = max(self.stats.max_worker_pools, self.stats.worker_pools)
+        metrics.WORKERS.set(len(self._active))
+
+    # -- one worker: download, record, and on to the next job of the slot ----------------------
+
+    async def _worker(self, aggr: str, job: ClaimedJob, proxy: str | None) -> None:
+        """Download `job` and record its outcome; while recording hands the slot on to the
+        aggregation's next job (at most HAND_ON_CHAIN times in a row), run that one too."""
+        task = asyncio.current_task()
+        assert task is not None
+        chain = 0
+        try:
+            while True:
+                attempt = await self._download(job, proxy)
+                handed_on = await self._record(job, attempt, hand_on=self._hand_on(chain))
+                if handed_on is None:
+                    return
+                if self._stopping:  # claimed for us as we stopped: handed back in _shutdown
+                    self._not_started[handed_on.id] = handed_on.lease
+                    return
+                self._take(aggr, handed_on, task)
+                self._drop(aggr, job, task)
+                self._count_workers()
+                job, chain = handed_on, chain + 1
+        finally:
+            self._drop(aggr, job, task)
+            self._count_workers()
+
+    def _request(self, job: ClaimedJob, proxy: str | None) -> FetchRequest:
         headers = self.cfg.request_headers
-        raw = job.get("request_headers")
-        if raw and raw != "{}":  # override the defaults name by name, any case
-            overrides: dict[str, str] = json.loads(raw)
-            named = {k.lower() for k in overrides}
-            headers = {k: v for k, v in headers.items() if k.lower() not in named} | overrides
-        timeout_s = int(job.get("download_timeout") or 0) or self.cfg.download_timeout_seconds
-        pattern = job.get("mime_type") or ""
+        if job.request_headers:  # override the defaults name by name, any case
+            named = {k.lower() for k in job.request_headers}
+            headers = {k: v for k, v in headers.items() if k.lower() not in named}
+            headers |= job.request_headers
+        timeout_s = job.download_timeout or self.cfg.download_timeout_seconds
         return FetchRequest(
-            url=job["url"],
+            url=job.url,
             headers=dict(headers),
             proxy=proxy,
             timeout_s=float(timeout_s),
             connect_timeout_s=min(self.cfg.connect_timeout_seconds, float(timeout_s)),
             max_bytes=self.cfg.max_download_bytes,
-            mime=MimePattern.parse(pattern) if pattern else None,
-            extract_image_size=job.get("extract_image_size") == "true",
+            mime=MimePattern.parse(job.mime_type) if job.mime_type else None,
+            extract_image_size=job.extract_image_size,
         )
 
-    async def _work(
-        self, job: dict[str, str], proxy: str | None, chain: int = 0
-    ) -> dict[str, str] | None:
-        """Download one job and record its outcome; returns the aggregation's next job when
-        finish.lua handed this slot on to it (started by the task's done callback, once this
-        one's worker is accounted free)."""
-        job_id, lease = job["id"], job["lease"]
-        attempt = int(job["download_attempts"])
-        tmp = self.store.tmp_path(job_id, lease.replace("/", "."))
+    async def _download(self, job: ClaimedJob, proxy: str | None) -> Attempt:
+        """Fetch, verify and store one job; never raises but for cancellation. A failure is
+        an Attempt that fails or schedules a retry, and leaves no file behind."""
+        tmp = self.store.tmp_path(job.id, job.lease.replace("/", "."))
         started = time.perf_counter()
-        outcome: str
-        data: dict[str, Any]
-        retry_in_ms = 0
-        assert self._session is not None
+        base = {"attempt": job.attempt}
         try:
-            if job.get("s3_bucket") and self.s3 is None:  # no point downloading it
+            if job.s3_bucket and self.s3 is None:  # no point downloading it
                 raise PermanentError("S3 storage is not enabled on this processor (s3.enabled)")
-            result = await fetch(self._session, self._request(job, proxy), tmp)
+            result = await fetch(self._session_or_fail(), self._request(job, proxy), tmp)
             location = await self._store(job, tmp, result)
-            outcome, data = (
-                "succeeded",
+            self.stats.responses[result.response_code] += 1
+            metrics.DOWNLOAD_BYTES.inc(result.size)
+            attempt = Attempt(
+                DownloadOutcome.SUCCEEDED,
                 {
-                    "attempt": attempt,
+                    **base,
                     "response_code": result.response_code,
                     **location,
                     "file_mime_type": result.mime_type,
@@ -321,54 +350,57 @@ class Processor:
                     "image_size": result.image_size,
                 },
             )
-            self.stats.responses[result.response_code] += 1
-            metrics.DOWNLOAD_BYTES.inc(result.size)
         except (TransientError, PermanentError) as exc:  # fetch and _store left no temp file
             self.stats.responses[exc.response_code] += 1
+            data = {**base, "response_code": exc.response_code, "error": str(exc)}
             retriable = isinstance(exc, TransientError)
-            data = {"attempt": attempt, "response_code": exc.response_code, "error": str(exc)}
-            if should_retry_download(attempt, int(job["max_retries"]), retriable):
+            if should_retry_download(job.attempt, job.max_retries, retriable):
                 retry_in_ms = int(
                     1000
                     * download_retry_delay_s(
-                        attempt, self.cfg.retry_backoff_seconds, self.cfg.retry_backoff_cap_seconds
+                        job.attempt,
+                        self.cfg.retry_backoff_seconds,
+                        self.cfg.retry_backoff_cap_seconds,
                     )
                 )
-                outcome, data = "retry", {**data, "retry_in_ms": retry_in_ms}
+                data["retry_in_ms"] = retry_in_ms
+                attempt = Attempt(DownloadOutcome.RETRY, data, retry_in_ms)
             else:
-                outcome = "failed"
+                attempt = Attempt(DownloadOutcome.FAILED, data)
         except Exception as exc:  # a bug must not wedge the job: fail it, visibly
             self.store.discard(tmp)
-            log.exception("download crashed", job_id=job_id)
-            outcome, data = (
-                "failed",
-                {
-                    "attempt": attempt,
-                    "response_code": 0,
-                    "error": f"Internal error: {type(exc).__name__}",
-                },
-            )
+            log.exception("download crashed", job_id=job.id, aggr_id=job.aggr_id)
+            error = f"Internal error: {type(exc).__name__}"
+            attempt = Attempt(DownloadOutcome.FAILED, {**base, "response_code": 0, "error": error})
         metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started)
-        metrics.DOWNLOADS.labels(outcome).inc()
-        self._recording.add(job_id)
+        metrics.DOWNLOADS.labels(attempt.outcome).inc()
+        return attempt
+
+    def _session_or_fail(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "run() opens the session"
+        return self._session
+
+    async def _store(self, job: ClaimedJob, tmp: Path, result: FetchResult) -> dict[str, str]:
+        """Put a verified download where the job wants it: the job's S3 bucket, or the file
+        store. Returns the event data saying where; S3 errors keep the download's status."""
+        if not job.s3_bucket:
+            self.store.commit(tmp, job.id)
+            return {"download_url": self.store.url(job.id)}
+        assert self.s3 is not None  # checked before the download
+        key = self.s3.key(job.id)
+        started = time.perf_counter()
         try:
-            finish = await self._record(
-                job_id, lease, outcome, data, retry_in_ms, self._hand_on(chain)
-            )
-        finally:
-            self._recording.discard(job_id)
-        recorded = finish.recorded
-        if not recorded and outcome == "succeeded":
-            await self._drop_orphan(job_id)
-        if recorded:
-            if outcome == "failed":
-                self.stats.failures += 1
-            elif outcome == "retry":
-                self.stats.retries += 1
-                self._timer_kick.set()
-            else:
-                self.stats.successes += 1
-        return finish.next_job
+            await self.s3.upload(tmp, job.s3_bucket, job.s3_region, key, result.mime_type)
+        except (TransientError, PermanentError) as exc:
+            raise type(exc)(str(exc), result.response_code) from exc
+        finally:  # uploaded, failed or cancelled: the temp file has served
+            metrics.S3_UPLOAD_SECONDS.observe(time.perf_counter() - started)
+            self.store.discard(tmp)
+        return {
+            "download_url": self.s3.url(job.s3_bucket, key),
+            "s3_bucket": job.s3_bucket,
+            "s3_key": key,
+        }
 
     def _hand_on(self, chain: int) -> bool:
         """Should the slot this download frees go straight to its aggregation's next job?
@@ -377,89 +409,91 @@ class Processor:
         aggregation keep spreading over all processors instead of staying with the first one
         that claimed them); or other aggregations wait for a worker of ours and we have none
         free (the slot then goes back to the round robin)."""
-        if self._stopping or self.stats.paused or chain >= HAND_ON_CHAIN:
+        if self._stopping or self.upkeep.paused or chain >= HAND_ON_CHAIN:
             return False
         return not self._hot or self._free() > 0
 
-    async def _store(self, job: dict[str, str], tmp: Path, result: FetchResult) -> dict[str, str]:
-        """Put a verified download where the job wants it: the job's S3 bucket, or the file
-        store. Returns the event data saying where; S3 errors keep the download's status."""
-        job_id, bucket = job["id"], job.get("s3_bucket", "")
-        if not bucket:
-            self.store.commit(tmp, job_id)
-            return {"download_url": self.store.url(job_id)}
-        assert self.s3 is not None  # checked before the download
-        key = self.s3.key(job_id)
-        started = time.perf_counter()
+    async def _record(self, job: ClaimedJob, attempt: Attempt, hand_on: bool) -> ClaimedJob | None:
+        """Write the outcome under the claim's lease and log it; returns the next job of the
+        aggregation when the freed slot was handed on to it."""
+        self._recording.add(job.id)
         try:
-            await self.s3.upload(tmp, bucket, job.get("s3_region", ""), key, result.mime_type)
-        except (TransientError, PermanentError) as exc:
-            raise type(exc)(str(exc), result.response_code) from exc
-        finally:  # uploaded, failed or cancelled: the temp file has served
-            metrics.S3_UPLOAD_SECONDS.observe(time.perf_counter() - started)
-            self.store.discard(tmp)
-        return {"download_url": self.s3.url(bucket, key), "s3_bucket": bucket, "s3_key": key}
+            finish = await self._finish(job, attempt, hand_on)
+        finally:
+            self._recording.discard(job.id)
+        if not finish.recorded:
+            log.warning("lease lost before the outcome was written", job_id=job.id)
+            if attempt.outcome is DownloadOutcome.SUCCEEDED:
+                await self._drop_orphan(job.id)
+            return None
+        self._log_outcome(job, attempt)
+        if attempt.outcome is DownloadOutcome.FAILED:
+            self.stats.failures += 1
+        elif attempt.outcome is DownloadOutcome.RETRY:
+            self.stats.retries += 1
+            self.upkeep.kick()
+        else:
+            self.stats.successes += 1
+        return finish.next_job
 
-    async def _drop_orphan(self, job_id: str) -> None:
-        """We stored a file but lost the lease. If the job ended without success (aborted,
-        failed elsewhere) nothing will ever reap that file: remove it. If it is still running
-        or succeeded elsewhere, the file at that path is (or will be) that download's."""
-        with contextlib.suppress(*REDIS_DOWN):
-            job = await self.storage.get_job(job_id)
-            if job is not None and job.get("download_state") == "Failed":
-                await asyncio.to_thread(self.store.delete, job_id)
-                log.info("removed the file of a job that ended without us", job_id=job_id)
+    @staticmethod
+    def _log_outcome(job: ClaimedJob, attempt: Attempt) -> None:
+        d = attempt.data
+        ids = {"job_id": job.id, "aggr_id": job.aggr_id, "attempt": job.attempt}
+        if attempt.outcome is DownloadOutcome.SUCCEEDED:
+            log.info(
+                "download succeeded",
+                **ids,
+                response_code=d["response_code"],
+                bytes=d["file_bytes"],
+                mime_type=d["file_mime_type"],
+            )
+        elif attempt.outcome is DownloadOutcome.RETRY:
+            log.info(
+                "download retry scheduled",
+                **ids,
+                response_code=d["response_code"],
+                error=d["error"],
+                retry_in_ms=attempt.retry_in_ms,
+            )
+        else:
+            log.info("download failed", **ids, response_code=d["response_code"], error=d["error"])
 
-    async def _record(
-        self,
-        job_id: str,
-        lease: str,
-        outcome: str,
-        data: dict[str, Any],
-        retry_in_ms: int,
-        hand_on: bool,
-    ) -> Finish:
-        """Write the outcome, riding out a short Redis outage while the lease lasts."""
+    async def _finish(self, job: ClaimedJob, attempt: Attempt, hand_on: bool) -> Finish:
+        """finish.lua, riding out a short Redis outage while the lease lasts."""
         deadline = time.monotonic() + self.cfg.lease_ms / 1000
         delay = 0.05
         while True:
             try:
-                finish = await self.storage.finish(
-                    job_id,
-                    lease,
-                    outcome,
-                    data,
-                    retry_in_ms,
+                return await self.storage.finish(
+                    job.id,
+                    job.lease,
+                    attempt.outcome,
+                    attempt.data,
+                    attempt.retry_in_ms,
                     next_owner=self.owner if hand_on else "",
                     lease_ms=self.cfg.lease_ms,
                 )
-                if not finish.recorded:
-                    log.warning("lease lost before the outcome was written", job_id=job_id)
-                return finish
-            except REDIS_DOWN:
+            except StorageUnavailable:
                 if time.monotonic() > deadline:
                     log.warning(
-                        "redis down past the lease; the job will be requeued", job_id=job_id
+                        "redis down past the lease; the job will be requeued", job_id=job.id
                     )
                     return Finish(False, None)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    # -- background -----------------------------------------------------------------------------
+    async def _drop_orphan(self, job_id: str) -> None:
+        """We stored a file but lost the lease. If the job ended without success (aborted,
+        failed elsewhere) nothing will ever reap that file: remove it. If it is still running
+        or succeeded elsewhere, the file at that path is (or will be) that download's."""
+        with contextlib.suppress(StorageUnavailable, JobNotFound):
+            job = await self.storage.get_job(job_id)
+            if job.download_state is DownloadState.FAILED:
+                await asyncio.to_thread(self.store.delete, job_id)
+                log.info("removed the file of a job that ended without us", job_id=job_id)
 
-    async def _timer_step(self) -> None:
-        """Promote due retries, requeue expired leases, reap delivered files; sleep until due."""
-        _moved, next_retry_ms = await self.storage.promote_retries()
-        while await self.storage.requeue_expired() > 0:
-            pass
-        due, next_reap_ms = await self.storage.reap_due()
-        for job_id in due:
-            await asyncio.to_thread(self.store.delete, job_id)
-            await self.storage.reap_done(job_id)
-        waits = [self.cfg.lease_ms / 2] + [ms for ms in (next_retry_ms, next_reap_ms) if ms >= 0]
-        self._timer_kick.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._timer_kick.wait(), max(1, min(waits)) / 1000)
+    # -- leases ---------------------------------------------------------------------------------
 
     async def _renew_step(self) -> None:
         await asyncio.sleep(self.cfg.lease_ms / 3000)
@@ -470,22 +504,3 @@ class Processor:
             if task is not None and job_id not in self._recording:
                 log.warning("lease lost, abandoning download", job_id=job_id)
                 task.cancel()
-
-    async def _sweep_step(self) -> None:
-        """Hourly: drop temp files of dead processors (older than any download may last)."""
-        stale_s = self.cfg.download_timeout_seconds + 2 * self.cfg.lease_ms / 1000
-        if removed := await asyncio.to_thread(self.store.sweep_tmp, stale_s):
-            log.info("removed stale temporary files", count=removed)
-        await asyncio.sleep(3600)
-
-    async def _disk_step(self) -> None:
-        used = await asyncio.to_thread(self.store.used_percent)
-        if not self.stats.paused and used >= self.cfg.disk_pause_percent:
-            self.stats.paused = 1
-            log.warning("disk full: not taking jobs", used_percent=round(used, 1))
-        elif self.stats.paused and used < self.cfg.disk_resume_percent:
-            self.stats.paused = 0
-            log.info("disk has room again: taking jobs", used_percent=round(used, 1))
-            await self._rescan()
-        metrics.PAUSED.set(self.stats.paused)
-        await asyncio.sleep(self.cfg.disk_check_interval_ms / 1000)

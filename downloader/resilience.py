@@ -5,21 +5,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
+from downloader.errors import StorageUnavailable
 from downloader.log import get_logger
 
-__all__ = ["REDIS_DOWN", "forever"]
+__all__ = ["forever"]
 
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 log = get_logger(__name__)
 
 
 async def forever(
     name: str, step: Callable[[], Awaitable[None]], stopping: Callable[[], bool]
 ) -> None:
-    """Run `step` until `stopping()`; on a Redis outage wait 50 ms doubling to 2 s, then resume."""
+    """Run `step` until `stopping()`; on a Redis outage wait 50 ms doubling to 2 s, then resume.
+    Any other error is a bug: logged with its traceback, then the loop goes on after 1 s."""
     delay = 0.05
     down = False
     while not stopping():
@@ -29,9 +27,12 @@ async def forever(
                 log.info("redis reachable again", loop=name)
                 down = False
             delay = 0.05
-        except REDIS_DOWN as exc:
+        except StorageUnavailable as exc:
             if not down:
                 log.warning("redis unreachable, backing off", loop=name, error=str(exc))
                 down = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+        except Exception:  # a bug, or e.g. a disk error: say so, and keep the loop alive
+            log.exception("background loop failed; resuming in 1 s", loop=name)
+            await asyncio.sleep(1.0)

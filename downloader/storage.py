@@ -3,60 +3,73 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from downloader.autopipeline import AutoPipeline
 from downloader.config import Config
 from downloader.connections import FollowingMasterPool, NotReplicated, connect, could_take_over
+from downloader.errors import (
+    CallbackNotFailed,
+    DownloadEnded,
+    IdempotencyConflict,
+    JobNotFound,
+    NoCallback,
+    ProxyConflict,
+    StorageUnavailable,
+)
+from downloader.events import JobEvent, parse_event
+from downloader.jobs import CallbackJob, ClaimedJob, Job
+from downloader.redact import url_without_password
+from downloader.vocabulary import CallbackOutcome, DownloadOutcome, EventType
 
-__all__ = ["CALLBACK_GROUP", "Claim", "Finish", "Keys", "NotReplicated", "Storage", "connect"]
+__all__ = ["CALLBACK_GROUP", "Claim", "Finish", "Keys", "Storage", "connect"]
 
 CALLBACK_GROUP = "notifiers"
 
-# The projection fields each role reads back from its script: fewer fields, less to parse.
-DOWNLOAD_FIELDS = (
-    "id",
-    "url",
-    "request_headers",
-    "download_timeout",
-    "mime_type",
-    "extract_image_size",
-    "download_attempts",
-    "max_retries",
-    "s3_bucket",
-    "s3_region",
-)
-CALLBACK_FIELDS = (
-    "id",
-    "download_state",
-    "error",
-    "extra",
-    "url",
-    "download_url",
-    "response_code",
-    "image_size",
-    "callback_type",
-    "callback_dst",
-    "callback_attempts",
-    "outcome_event_id",
-)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _outage_is_unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Redis connection errors and timeouts leave storage as StorageUnavailable, and nothing
+    else does: callers tell an outage from a bug (or a disk error) by type."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
+
+    return call
+
+
+def _guarded(cls: type[T]) -> type[T]:
+    """Apply `_outage_is_unavailable` to every public coroutine method of `cls`."""
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(member):
+            setattr(cls, name, _outage_is_unavailable(member))
+    return cls
 
 
 class Keys:
-    """Every Redis key name. Lua scripts build the same names in prelude.lua (KEY.*).
-
-    Keys of one job share the hash tag `{<job id>}`, keys of one aggregation `{<aggr id>}`, so
-    a move to Redis Cluster is a matter of routing, not of renaming (see README)."""
+    """Every Redis key name. The Lua scripts build the same names in prelude.lua (`KEY.*`);
+    tests/test_contract.py checks, against a real Redis, that each KEY has its twin here and
+    that both spell it the same."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -82,6 +95,9 @@ class Keys:
 
     def inflight(self, aggr_id: str) -> str:
         return self._k(f"aggr:{{{aggr_id}}}:inflight")
+
+    def idempotency(self, key: str) -> str:
+        return self._k(f"idem:{{{key}}}")
 
     def stats(self, role: str, instance: str) -> str:
         return self._k(f"stats:{role}:{instance}")
@@ -127,6 +143,10 @@ class Keys:
         return self._k("instances")
 
     @property
+    def export_lock(self) -> str:
+        return self._k("export:lock")
+
+    @property
     def export_position(self) -> str:
         return self._k("export:position")
 
@@ -134,12 +154,12 @@ class Keys:
 @dataclass(frozen=True)
 class Claim:
     """What claim.lua handed out: the aggregation's proxy, how many jobs still wait, how many
-    slots are still free, and the claimed jobs' projections."""
+    slots are still free, and the claimed jobs."""
 
     proxy: str
     ready_left: int
     free_slots: int
-    jobs: list[dict[str, str]]
+    jobs: list[ClaimedJob]
 
 
 @dataclass(frozen=True)
@@ -148,12 +168,12 @@ class Finish:
     the next job of the aggregation if the freed slot was handed on to it."""
 
     recorded: bool
-    next_job: dict[str, str] | None
+    next_job: ClaimedJob | None
 
 
-def _job_row(row: Sequence[str | None]) -> dict[str, str]:
-    """A job as claim.lua / finish.lua return it: DOWNLOAD_FIELDS, then the lease token."""
-    return dict(zip((*DOWNLOAD_FIELDS, "lease"), (v or "" for v in row), strict=True))
+def _claimed(row: Sequence[str | None]) -> ClaimedJob:
+    """A job as claim.lua / finish.lua return it: ClaimedJob.FIELDS, then the lease token."""
+    return ClaimedJob.from_values(row[:-1], str(row[-1]))
 
 
 def _flat(leases: Mapping[str, str]) -> list[str]:
@@ -161,8 +181,10 @@ def _flat(leases: Mapping[str, str]) -> list[str]:
     return [x for pair in leases.items() for x in pair]
 
 
+@_guarded
 class Storage:
-    """Job transitions (each one Lua script, one round trip) and the reads the API needs."""
+    """Job transitions (each one Lua script, one round trip) and the reads the API needs.
+    A Redis outage surfaces as StorageUnavailable from every public method."""
 
     _SCRIPTS = (
         "enqueue",
@@ -274,10 +296,9 @@ class Storage:
         idempotency_key: str = "",
         fingerprint: str = "",
         window_ms: int = 0,
-    ) -> tuple[str, str]:
-        """Accept a job. Returns (status, detail): ('ok', job id) | ('exists', '') |
-        ('proxy_conflict', the aggregation's proxy) | ('replayed', job id) |
-        ('key_conflict', job id)."""
+    ) -> tuple[str, bool]:
+        """Accept a job: (its id, whether this replays an earlier request with the same
+        Idempotency-Key). Raises ProxyConflict or IdempotencyConflict."""
         res = await self._run_acked(
             "enqueue",
             job_id,
@@ -289,20 +310,37 @@ class Storage:
             fingerprint,
             window_ms,
         )
-        return str(res[0]), str(res[1]) if len(res) > 1 else ""
+        status, detail = str(res[0]), str(res[1]) if len(res) > 1 else ""
+        if status == "proxy_conflict":
+            raise ProxyConflict(str(fields["aggr_id"]), url_without_password(detail))
+        if status == "key_conflict":
+            raise IdempotencyConflict(detail)
+        # 'exists': redis-py resent the script after a lost reply, and the first run took it
+        return (detail or job_id), status == "replayed"
 
-    async def abort(self, job_id: str, reason: str) -> tuple[str, str]:
-        """Cancel a pending or running download: ('ok', event id) | ('unknown', '') |
-        ('finished', download_state)."""
+    async def abort(self, job_id: str, reason: str) -> str:
+        """Cancel a pending or running download; returns the job.aborted event id. Raises
+        JobNotFound, or DownloadEnded once the download has its outcome."""
         res = await self._run("abort", job_id, reason)
-        return str(res[0]), str(res[1]) if len(res) > 1 else ""
+        if res[0] == "unknown":
+            raise JobNotFound(job_id)
+        if res[0] == "finished":
+            raise DownloadEnded(job_id, str(res[1]))
+        return str(res[1])
 
-    async def get_job(self, job_id: str) -> dict[str, str] | None:
-        job: dict[str, str] = await self.r.hgetall(self.keys.job(job_id))
-        return job or None
+    async def get_job(self, job_id: str) -> Job:
+        """The job's projection; raises JobNotFound."""
+        row: dict[str, str] = await self.r.hgetall(self.keys.job(job_id))
+        if not row:
+            raise JobNotFound(job_id)
+        return Job.from_hash(row)
 
-    async def get_events(self, job_id: str) -> list[tuple[str, dict[str, str]]]:
-        return list(await self.r.xrange(self.keys.job_events(job_id)))
+    async def get_events(self, job_id: str) -> list[JobEvent]:
+        """The job's events, oldest first; raises JobNotFound."""
+        entries = await self.r.xrange(self.keys.job_events(job_id))
+        if not entries:
+            raise JobNotFound(job_id)
+        return [parse_event(eid, fields, job_id) for eid, fields in entries]
 
     async def rebuild(self, job_id: str) -> int:
         return int(await self._run("rebuild", job_id))
@@ -319,21 +357,21 @@ class Storage:
     # -- processor ----------------------------------------------------------------------------
 
     async def claim(self, aggr_id: str, owner: str, lease_ms: int, count: int) -> Claim:
-        """Claim up to `count` jobs; each job dict has its lease token under "lease"."""
-        res = await self._run("claim", aggr_id, owner, lease_ms, count, *DOWNLOAD_FIELDS)
-        return Claim(str(res[0]), int(res[1]), int(res[2]), [_job_row(j) for j in res[3:]])
+        """Claim up to `count` jobs of the aggregation, each under a lease of its own."""
+        res = await self._run("claim", aggr_id, owner, lease_ms, count, *ClaimedJob.FIELDS)
+        return Claim(str(res[0]), int(res[1]), int(res[2]), [_claimed(j) for j in res[3:]])
 
     async def finish(
         self,
         job_id: str,
         lease: str,
-        outcome: str,
+        outcome: DownloadOutcome,
         data: Mapping[str, Any],
         retry_in_ms: int = 0,
         next_owner: str = "",
         lease_ms: int = 0,
     ) -> Finish:
-        """Record a download outcome (succeeded | failed | retry), if the lease still holds.
+        """Record a download outcome, if the lease still holds.
         With `next_owner`, the freed slot goes straight to the aggregation's next ready job,
         claimed for `next_owner` for `lease_ms` (no wake, no separate claim)."""
         res = await self._run(
@@ -345,11 +383,11 @@ class Storage:
             retry_in_ms,
             next_owner,
             lease_ms,
-            *DOWNLOAD_FIELDS,
+            *ClaimedJob.FIELDS,
         )
         if res[0] != "ok":
             return Finish(False, None)
-        return Finish(True, _job_row(res[2]) if len(res) > 2 else None)
+        return Finish(True, _claimed(res[2]) if len(res) > 2 else None)
 
     async def renew(self, lease_ms: int, leases: Mapping[str, str]) -> list[str]:
         """Extend leases ({job id: token}); returns the ids no longer held."""
@@ -447,13 +485,19 @@ class Storage:
         entries = res[1]  # 6.2 answers 2 elements, 7.x 3: the entries are second in both
         return [(eid, f["job_id"]) for eid, f in entries if f]
 
-    async def callback_begin(self, job_id: str) -> dict[str, str]:
-        """Start a delivery attempt: the fields a callback needs, or {} if nothing to deliver."""
-        res = await self._run("callback_begin", job_id, *CALLBACK_FIELDS)
-        return dict(zip(CALLBACK_FIELDS, (v or "" for v in res), strict=True)) if res else {}
+    async def callback_begin(self, job_id: str) -> CallbackJob | None:
+        """Start a delivery attempt: what the callback needs, or None if there is nothing to
+        deliver (the job is gone, or its callback already ended: a duplicate entry)."""
+        res = await self._run("callback_begin", job_id, *CallbackJob.FIELDS)
+        return CallbackJob.from_values(res) if res else None
 
     async def callback_end(
-        self, job_id: str, outcome: str, data: Mapping[str, Any], entry_id: str, delay_ms: int
+        self,
+        job_id: str,
+        outcome: CallbackOutcome,
+        data: Mapping[str, Any],
+        entry_id: str,
+        delay_ms: int,
     ) -> str:
         return str(
             await self._run(
@@ -474,9 +518,17 @@ class Storage:
         moved, next_ms = await self._run("promote_callbacks", limit)
         return int(moved), int(next_ms)
 
-    async def requeue_callback(self, job_id: str) -> tuple[str, str]:
+    async def requeue_callback(self, job_id: str) -> str:
+        """POST /retry: a fresh round for a failed callback; returns the event id. Raises
+        JobNotFound, NoCallback or CallbackNotFailed."""
         res = await self._run("callback_requeue", job_id)
-        return str(res[0]), str(res[1]) if len(res) > 1 else ""
+        if res[0] == "unknown":
+            raise JobNotFound(job_id)
+        if res[0] == "no_callback":
+            raise NoCallback(job_id)
+        if res[0] == "not_failed":
+            raise CallbackNotFailed(job_id, str(res[1]))
+        return str(res[1])
 
     # -- event export -------------------------------------------------------------------------
 
@@ -495,11 +547,11 @@ class Storage:
         return [(eid, fields) for _s, entries in res or [] for eid, fields in entries]
 
     async def recent_events(
-        self, types: Sequence[str], limit: int, scan: int = 2000
-    ) -> list[tuple[str, dict[str, str]]]:
+        self, types: Sequence[EventType], limit: int, scan: int = 2000
+    ) -> list[JobEvent]:
         """The newest events of the given types among the last `scan` of the global stream."""
         rows = await self.r.xrevrange(self.keys.events, count=scan)
-        return [(eid, f) for eid, f in rows if f.get("type") in types][:limit]
+        return [parse_event(eid, f) for eid, f in rows if f.get("type") in types][:limit]
 
     # -- instances and stats ------------------------------------------------------------------
 

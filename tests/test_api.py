@@ -185,6 +185,21 @@ INVALID_BODIES = [
         "request_headers",
         id="header-value-lone-surrogate",
     ),
+    # hosts that resolvers read as IPv4 addresses but are not spelled as one
+    pytest.param(as_json(valid_body(url="http://127.1/x")), "url", id="url-host-127.1"),
+    pytest.param(as_json(valid_body(url="http://2130706433/x")), "url", id="url-host-decimal"),
+    pytest.param(as_json(valid_body(url="http://0x7f.1/x")), "url", id="url-host-hex"),
+    pytest.param(as_json(valid_body(url="http://127.0.0.01/x")), "url", id="url-host-octal"),
+    pytest.param(
+        as_json(valid_body(url="http://\uff11\uff12\uff17.0.0.1/x")), "url", id="url-fullwidth"
+    ),
+    pytest.param(as_json(valid_body(url="http://a..b/x")), "url", id="url-host-empty-label"),
+    pytest.param(
+        as_json(valid_body(callback_dst="http://0x7f.1/cb")), "callback_dst", id="cb-host-hex"
+    ),
+    pytest.param(
+        as_json(valid_body(aggr_proxy="http://127.1:3128")), "aggr_proxy", id="proxy-127.1"
+    ),
 ]
 
 

@@ -304,7 +304,7 @@ async def test_upload_after_a_crash_goes_again_to_the_same_key(
     key = f"{PREFIX}{job_id}"
     # the processor that dies: it claims the job, uploads, and records nothing
     claim = await api.storage.claim("s3", "dead-processor", 1000, 1)
-    assert [j["id"] for j in claim.jobs] == [job_id]
+    assert [j.id for j in claim.jobs] == [job_id]
     await asyncio.to_thread(
         moto.client().put_object, Bucket=bucket, Key=key, Body=b"the dead one's upload"
     )

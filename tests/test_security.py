@@ -136,18 +136,17 @@ async def test_non_public_addresses_are_refused(
     assert files.requests == {}
 
 
-@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.0.0.1"])
-async def test_non_canonical_loopback_spellings_never_connect(
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.0.0.1", "0177.0.0.1"])
+async def test_non_canonical_loopback_spellings_are_refused_at_post(
     service_factory: ServiceFactory, files: FileServer, host: str
 ) -> None:
-    """Shorthand spellings of 127.0.0.1 fail the job at once without reaching the origin."""
+    """Shorthand spellings of 127.0.0.1 are a 400 naming `url` at POST: no job, no connection."""
     svc = await service_factory(CLOSED, {"api", "processor"})
     url = f"http://{host}:{files.port}/x"
-    job_id = await svc.submit(
-        **job_body(url, "http://callback.test/cb", max_retries=1, download_timeout=2)
-    )
-    job = await svc.wait_job(job_id, lambda j: j["download_state"] == "Failed")
-    assert job["download_attempts"] == 1, job["error"]
+    status, body = await svc.post("/download", job_body(url, "http://callback.test/cb"))
+    assert status == 400, body
+    assert body["field"] == "url" and "127.0.0.1" in body["error"], body
+    assert await svc.storage.r.keys("dl:job:*") == []
     assert files.requests == {}
 
 

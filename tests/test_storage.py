@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from downloader.models import parse_download_request
 from downloader.storage import Storage, connect
+from downloader.vocabulary import DownloadOutcome, DownloadState
 
 
 async def new_storage(make_config: Any) -> Storage:
@@ -71,15 +72,20 @@ async def test_a_stale_claim_of_the_same_owner_cannot_record(make_config: Any) -
         await asyncio.sleep(0.1)  # let the 50 ms lease lapse
         assert await storage.requeue_expired() == 1
         second = (await storage.claim("s", "proc-A", 10_000, 1)).jobs[0]
-        assert first["lease"] != second["lease"]
-        assert await storage.renew(10_000, {"Job2": first["lease"]}) == ["Job2"]
+        assert first.lease != second.lease
+        assert await storage.renew(10_000, {"Job2": first.lease}) == ["Job2"]
         refused = await storage.finish(
-            "Job2", first["lease"], "failed", {"attempt": 1, "response_code": 0, "error": "x"}
+            "Job2",
+            first.lease,
+            DownloadOutcome.FAILED,
+            {"attempt": 1, "response_code": 0, "error": "x"},
         )
         assert not refused.recorded
-        assert (await storage.finish("Job2", second["lease"], "succeeded", SUCCEEDED)).recorded
+        assert (
+            await storage.finish("Job2", second.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED)
+        ).recorded
         job = await storage.get_job("Job2")
-        assert job is not None and job["download_state"] == "Success"
+        assert job.download_state is DownloadState.SUCCESS
     finally:
         await storage.close()
 
@@ -107,7 +113,7 @@ async def test_release_hands_back_only_jobs_still_held(make_config: Any, tmp_pat
         for i in range(3):
             await storage.enqueue(f"Rel{i}", fields("rel", limit=3))
         jobs = (await storage.claim("rel", "p", 10_000, 3)).jobs
-        leases = {j["id"]: j["lease"] for j in jobs}
+        leases = {j.id: j.lease for j in jobs}
         leases["Rel2"] = "someone-else/0-0"
         assert await storage.release(leases) == 2
         assert await storage.r.lrange(storage.keys.ready("rel"), 0, -1) == ["Rel1", "Rel0"]
@@ -126,30 +132,32 @@ async def test_finish_hands_the_slot_to_the_next_job_without_a_wake(make_config:
         [first] = (await storage.claim("hand", "p", 10_000, 5)).jobs
         wakes = await storage.r.xlen(storage.keys.wake)
 
-        done = await storage.finish("Hand0", first["lease"], "succeeded", SUCCEEDED, 0, "p", 10_000)
+        done = await storage.finish(
+            "Hand0", first.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED, 0, "p", 10_000
+        )
         assert done.recorded and done.next_job is not None
         nxt = done.next_job
-        assert nxt["id"] == "Hand1" and nxt["lease"].startswith("p/") and nxt["url"]
+        assert nxt.id == "Hand1" and nxt.lease.startswith("p/") and nxt.url
         assert await storage.r.smembers(storage.keys.inflight("hand")) == {"Hand1"}
         assert await storage.r.xlen(storage.keys.wake) == wakes
-        assert (await storage.get_job("Hand1") or {})["download_state"] == "InProgress"
+        assert (await storage.get_job("Hand1")).download_state == "InProgress"
         assert await storage.pending_aggregations() == [("hand", 1)]
 
         # a retry hands on too, and the retried job waits in the retry set
         again = await storage.finish(
             "Hand1",
-            nxt["lease"],
-            "retry",
+            nxt.lease,
+            DownloadOutcome.RETRY,
             {"attempt": 1, "response_code": 500, "error": "x"},
             5_000,
             "p",
             10_000,
         )
-        assert again.next_job is not None and again.next_job["id"] == "Hand2"
+        assert again.next_job is not None and again.next_job.id == "Hand2"
         assert await storage.pending_aggregations() == []
 
         last = await storage.finish(
-            "Hand2", again.next_job["lease"], "succeeded", SUCCEEDED, 0, "p", 10_000
+            "Hand2", again.next_job.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED, 0, "p", 10_000
         )
         assert last.recorded and last.next_job is None
         assert await storage.r.scard(storage.keys.inflight("hand")) == 0
@@ -164,7 +172,7 @@ async def test_finish_without_next_owner_frees_the_slot(make_config: Any) -> Non
         for i in range(2):
             await storage.enqueue(f"Free{i}", fields("free", limit=1))
         [first] = (await storage.claim("free", "p", 10_000, 5)).jobs
-        done = await storage.finish("Free0", first["lease"], "succeeded", SUCCEEDED)
+        done = await storage.finish("Free0", first.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED)
         assert done.recorded and done.next_job is None
         assert await storage.r.scard(storage.keys.inflight("free")) == 0
         assert await storage.pending_aggregations() == [("free", 1)]

@@ -9,6 +9,7 @@ import aiohttp
 from standardwebhooks.webhooks import Webhook
 
 from downloader.backends import Delivery, Payload
+from downloader.httperrors import describe
 from downloader.netguard import NetworkPolicy, find_blocked
 
 __all__ = ["HttpBackend"]
@@ -57,7 +58,7 @@ class HttpBackend:
         except (aiohttp.ClientError, OSError) as exc:
             if blocked := find_blocked(exc):
                 return Delivery(False, str(blocked))
-            return Delivery(False, f"Connection error: {exc or type(exc).__name__}")
+            return Delivery(False, describe(exc))
 
     async def close(self, timeout_s: float) -> None:
         if self.session is not None:

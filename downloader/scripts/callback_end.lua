@@ -7,7 +7,12 @@
 --   ms), reap (zset job -> when its file is deleted).
 -- Returns: the event id.
 local job_id, outcome, data, entry, group, delay = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
-local event_id = emit(job_id, 'callback.' .. (outcome == 'retry' and 'retry_scheduled' or outcome), data)
+local OUTCOME_EVENT = {
+  delivered = 'callback.delivered', retry = 'callback.retry_scheduled', failed = 'callback.failed',
+}
+local etype = OUTCOME_EVENT[outcome]
+if not etype then return redis.error_reply('callback_end: unknown outcome ' .. tostring(outcome)) end
+local event_id = emit(job_id, etype, data)
 if outcome == 'retry' then
   redis.call('ZADD', KEY.callback_retries, now_ms() + delay, job_id)
 elseif redis.call('HGET', KEY.job(job_id), 'file_state') == 'stored' then

@@ -13,6 +13,11 @@
 --   lease was lost (expired, aborted, re-claimed).
 local job_id, token, outcome, data, retry_in = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local next_owner, lease_ms = ARGV[6], tonumber(ARGV[7])
+local OUTCOME_EVENT = {
+  succeeded = 'download.succeeded', failed = 'download.failed', retry = 'download.retry_scheduled',
+}
+local etype = OUTCOME_EVENT[outcome]
+if not etype then return redis.error_reply('finish: unknown outcome ' .. tostring(outcome)) end
 if redis.call('HGET', KEY.lease_owners, job_id) ~= token then return {'stale'} end
 
 local aggr_id = redis.call('HGET', KEY.job(job_id), 'aggr_id')
@@ -20,12 +25,10 @@ redis.call('HDEL', KEY.lease_owners, job_id)
 redis.call('ZREM', KEY.leases, job_id)
 redis.call('SREM', KEY.inflight(aggr_id), job_id)
 
-local event_id
+local event_id = emit(job_id, etype, data)
 if outcome == 'retry' then
-  event_id = emit(job_id, 'download.retry_scheduled', data)
   redis.call('ZADD', KEY.retries, now_ms() + retry_in, job_id)
 else
-  event_id = emit(job_id, outcome == 'succeeded' and 'download.succeeded' or 'download.failed', data)
   queue_callback(job_id)
 end
 

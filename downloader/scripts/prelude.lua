@@ -1,15 +1,15 @@
 -- prelude.lua: shared by every script (storage.py puts it in front of each one).
 --
 -- The last two ARGV of every script are fixed by storage.py:
---   ARGV[#ARGV-1]  key template, e.g. "dl:%s" (the only way a script builds a key name; the
---                  names themselves come from storage.Keys, mirrored in KEY below)
+--   ARGV[#ARGV-1]  key template, e.g. "dl:%s" (the only way a script builds a key name, in
+--                  KEY below)
 --   ARGV[#ARGV]    JSON settings: {"retention_ms": ..., "events_maxlen": ...}
--- The global event stream is KEYS[1] of every script that emits events.
 
 local TEMPLATE = ARGV[#ARGV - 1]
 local SETTINGS = cjson.decode(ARGV[#ARGV])
 
--- Key builders: must match storage.Keys one for one.
+-- Key builders: each has its twin in storage.Keys (tests/test_contract.py checks both spell
+-- every name the same).
 local KEY = {}
 function KEY.job(id) return string.format(TEMPLATE, 'job:{' .. id .. '}') end
 function KEY.job_events(id) return string.format(TEMPLATE, 'job:{' .. id .. '}:events') end
