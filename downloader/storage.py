@@ -457,6 +457,10 @@ class Storage:
     async def reap_done(self, job_id: str) -> None:
         await self._run("reap", "done", job_id)
 
+    async def reap_later(self, job_id: str, delay_ms: int) -> None:
+        """The job's file could not be deleted now: due again in `delay_ms`."""
+        await self._run("reap", "later", job_id, delay_ms)
+
     # -- notifier -----------------------------------------------------------------------------
 
     async def ensure_callback_group(self) -> None:

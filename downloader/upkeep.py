@@ -20,6 +20,9 @@ log = get_logger(__name__)
 
 Step = Callable[[], Awaitable[None]]
 
+REAP_RETRY_MS = 600_000
+"""A file the reaper could not delete (a disk error) is tried again this much later."""
+
 
 class Upkeep:
     def __init__(
@@ -52,7 +55,17 @@ class Upkeep:
             pass
         due, next_reap_ms = await self.storage.reap_due()
         for job_id in due:
-            await asyncio.to_thread(self.store.delete, job_id)
+            try:
+                await asyncio.to_thread(self.store.delete, job_id)
+            except OSError as exc:  # a disk error, not an outage: say which file, try later
+                log.error(
+                    "could not delete a delivered file; trying again later",
+                    job_id=job_id,
+                    error=str(exc),
+                    retry_in_s=REAP_RETRY_MS // 1000,
+                )
+                await self.storage.reap_later(job_id, REAP_RETRY_MS)
+                continue
             await self.storage.reap_done(job_id)
         waits = [self.cfg.lease_ms / 2] + [ms for ms in (next_retry_ms, next_reap_ms) if ms >= 0]
         self._kick.clear()

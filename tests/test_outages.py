@@ -125,3 +125,29 @@ async def test_slow_callback_receiver_does_not_block_other_callbacks(
         assert failed["callback_attempts"] == 3
     finally:
         await runner.cleanup()
+
+
+async def test_storage_raises_only_storage_unavailable_when_redis_is_down(
+    make_config: Any,
+) -> None:
+    """Every storage call against a Redis that does not answer raises StorageUnavailable: the
+    one type the API maps to 503 and the background loops back off on."""
+    from downloader.errors import StorageUnavailable
+    from downloader.storage import Storage, connect
+
+    _path, config = make_config({"redis": {"addr": f"127.0.0.1:{free_port()}"}})
+    storage = Storage(connect(config), config)
+    try:
+        calls = [
+            storage.get_job("NoSuchJob0001"),
+            storage.enqueue("NoSuchJob0002", {"aggr_id": "a", "aggr_limit": 1, "aggr_proxy": ""}),
+            storage.claim("a", "p", 1000, 1),
+            storage.read_callbacks("c", 1, 10),
+            storage.pending_aggregations(),
+            storage.publish_stats("api", "x", {}, 1000),
+        ]
+        for call in calls:
+            with pytest.raises(StorageUnavailable):
+                await call
+    finally:
+        await storage.close()

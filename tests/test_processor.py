@@ -214,3 +214,30 @@ async def test_a_slot_is_handed_on_at_most_hand_on_chain_times_in_a_row(
     runs = [HAND_ON_CHAIN + 1] * (20 // (HAND_ON_CHAIN + 1)) + [20 % (HAND_ON_CHAIN + 1)]
     assert finish_wakes == len([r for r in runs if r]), (finish_wakes, runs)
     assert {p["job_id"] for p in receiver.received} == set(ids)
+
+
+async def test_a_file_the_reaper_cannot_delete_is_logged_and_retried_later(
+    service_factory: Any, files: FileServer, receiver: CallbackReceiver
+) -> None:
+    """A disk error while reaping is not a Redis outage: the reaper keeps that file due for a
+    later try and goes on reaping other files."""
+    # 0.6 s from a delivered callback to the file's deletion: time to make it undeletable
+    svc = await service_factory({"notifier": {"deletion_interval": 0.01}})
+    assert svc.processor is not None
+    store = svc.processor.store
+    stuck = await svc.submit(**job_request(files.add("/a", b"a"), receiver.url("/cb")))
+    await receiver.wait_for(stuck)
+    await svc.wait_job(stuck, lambda j: j["callback_state"] == "Success")
+    # make its file undeletable by unlink(): a directory with something inside
+    path = store.path(stuck)
+    if path.exists():
+        path.unlink()
+    path.mkdir()
+    (path / "inside").write_text("x")
+    fine = await svc.submit(**job_request(files.add("/b", b"b"), receiver.url("/cb")))
+    await svc.wait_job(fine, lambda j: j["file_state"] == "deleted")
+    job = await svc.job(stuck)
+    assert job["file_state"] == "stored"
+    due = await svc.storage.r.zscore(svc.storage.keys.reap, stuck)
+    assert due is not None  # still due, later
+    assert path.is_dir()

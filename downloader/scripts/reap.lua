@@ -1,8 +1,9 @@
--- reap.lua: two calls of the file reaper. ARGV[1] = 'due': list jobs whose file is due for
--- deletion (ARGV[2] = limit), oldest first, without removing them; ARGV[1] = 'done': the file of
--- job ARGV[2] is gone, record it.
+-- reap.lua: three calls of the file reaper. ARGV[1] = 'due': list jobs whose file is due for
+-- deletion (ARGV[2] = limit), oldest first, without removing them; 'done': the file of job
+-- ARGV[2] is gone, record it; 'later': the file of job ARGV[2] could not be deleted, try again
+-- in ARGV[3] ms.
 -- Keys touched: reap (zset job -> due ms), job:{id} + events (file.deleted).
--- Returns: 'due': {ids..., ms until the next due one or -1}; 'done': 1
+-- Returns: 'due': {ids..., ms until the next due one or -1}; 'done', 'later': 1
 if ARGV[1] == 'due' then
   local out = redis.call('ZRANGEBYSCORE', KEY.reap, '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[2]))
   local nxt = redis.call('ZRANGE', KEY.reap, #out, #out, 'WITHSCORES')
@@ -10,6 +11,10 @@ if ARGV[1] == 'due' then
   return out
 end
 local job_id = ARGV[2]
+if ARGV[1] == 'later' then
+  redis.call('ZADD', KEY.reap, 'XX', now_ms() + tonumber(ARGV[3]), job_id)
+  return 1
+end
 if redis.call('ZREM', KEY.reap, job_id) == 1 and redis.call('EXISTS', KEY.job(job_id)) == 1 then
   emit(job_id, 'file.deleted', '{}')
 end
