@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,6 +14,20 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from harness.net import free_port, wait_http
+
+__all__ = [
+    "CallbackReceiver",
+    "FileServer",
+    "ForwardProxy",
+    "Reply",
+    "TcpRelay",
+    "free_port",
+    "job_request",
+    "until",
+    "wait_http",
+]
 
 
 def job_request(url: str, callback: str, **fields: Any) -> dict[str, Any]:
@@ -35,28 +48,6 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "never got there"
         await asyncio.sleep(0.02)
-
-
-async def wait_http(url: str, timeout: float = 15.0) -> None:
-    """Wait until something answers at `url` (a spawned API coming up)."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while True:
-            try:
-                async with s.get(url) as r:
-                    if r.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(url)
-            await asyncio.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -188,7 +179,6 @@ class ForwardProxy(_Server):
         self.seen: list[str] = []
 
     async def start(self) -> ForwardProxy:
-        import aiohttp
 
         self.client = aiohttp.ClientSession()
         app = web.Application()
