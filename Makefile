@@ -34,8 +34,8 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check downloader tests bench
-	$(VENV)/bin/ruff format --check downloader tests bench
+	$(VENV)/bin/ruff check downloader tests bench harness
+	$(VENV)/bin/ruff format --check downloader tests bench harness
 
 mypy: install
 	$(VENV)/bin/mypy
