@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -48,6 +49,14 @@ _MAX_FIELDS = {"maxWorkerPools", "maxWorkers"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj) + "\n"  # a JSON answer ends with a newline, like any text a shell prints
+
+
+json_response = functools.partial(web.json_response, dumps=_dumps)
+"""`web.json_response` whose body ends with a newline; every JSON answer goes through it."""
+
+
 def _iso(ms: str) -> str:
     return (
         datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
@@ -71,7 +80,7 @@ def render_job(job: dict[str, str]) -> dict[str, Any]:
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+    return json_response({"error": message, **extra}, status=status)
 
 
 @web.middleware
@@ -137,9 +146,7 @@ async def post_download(request: web.Request) -> web.Response:
     job_id = new_job_id()
     status, detail = await request.app[STORAGE].enqueue(job_id, fields, key, fingerprint, window_ms)
     if status == "replayed":
-        return web.json_response(
-            {"id": detail}, status=201, headers={"Idempotent-Replayed": "true"}
-        )
+        return json_response({"id": detail}, status=201, headers={"Idempotent-Replayed": "true"})
     if status == "key_conflict":
         raise ValidationFailed(
             "Idempotency-Key",
@@ -155,7 +162,7 @@ async def post_download(request: web.Request) -> web.Response:
         )
     metrics.JOBS_ACCEPTED.inc()
     request.app[ACCEPTED][0] += 1
-    return web.json_response({"id": job_id}, status=201)
+    return json_response({"id": job_id}, status=201)
 
 
 def _idempotency_key(request: web.Request) -> str:
@@ -177,7 +184,7 @@ async def abort_job(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
     if status == "finished":
         return _error(409, f"the download of job {job_id} already ended ({detail})", field="job_id")
-    return web.json_response({"id": job_id, "download_state": "Failed", "event_id": detail})
+    return json_response({"id": job_id, "download_state": "Failed", "event_id": detail})
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -210,12 +217,12 @@ async def retry_callback(request: web.Request) -> web.Response:
         return _error(
             409, f"the callback of job {job_id} has not failed (it is {state})", field="job_id"
         )
-    return web.json_response({"id": job_id, "callback_state": "Pending"}, status=201)
+    return json_response({"id": job_id, "callback_state": "Pending"}, status=201)
 
 
 async def aggregations(request: web.Request) -> web.Response:
     rows = await request.app[STORAGE].pending_aggregations()
-    return web.json_response([{"name": f"jobs:{name}", "size": size} for name, size in rows])
+    return json_response([{"name": f"jobs:{name}", "size": size} for name, size in rows])
 
 
 async def aggregation_details(request: web.Request) -> web.Response:
@@ -224,7 +231,7 @@ async def aggregation_details(request: web.Request) -> web.Response:
     details = await storage.aggregation_details([name for name, _ in rows])
     for d, (_name, size) in zip(details, rows, strict=True):
         d["pending"] = size
-    return web.json_response(details)
+    return json_response(details)
 
 
 def _sum_stats(rows: list[dict[str, str]]) -> dict[str, int]:
@@ -250,17 +257,17 @@ async def processor_stats(request: web.Request) -> web.Response:
         ),
         0,
     )
-    return web.json_response({**base, **_sum_stats(rows), "instances": len(rows)})
+    return json_response({**base, **_sum_stats(rows), "instances": len(rows)})
 
 
 async def notifier_stats(request: web.Request) -> web.Response:
     rows = await request.app[STORAGE].read_stats("notifier")
     base = {"successfulCallbacks": 0, "failedCallbacks": 0}
-    return web.json_response({**base, **_sum_stats(rows), "instances": len(rows)})
+    return json_response({**base, **_sum_stats(rows), "instances": len(rows)})
 
 
 async def instances(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STORAGE].live_instances())
+    return json_response(await request.app[STORAGE].live_instances())
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -268,7 +275,7 @@ async def get_job(request: web.Request) -> web.Response:
     job = await request.app[STORAGE].get_job(job_id) if is_job_id(job_id) else None
     if job is None:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
-    return web.json_response(render_job(job))
+    return json_response(render_job(job))
 
 
 async def get_events(request: web.Request) -> web.Response:
@@ -277,15 +284,13 @@ async def get_events(request: web.Request) -> web.Response:
     entries = await storage.get_events(job_id) if is_job_id(job_id) else []
     if not entries:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
-    return web.json_response(
-        {"events": [parse_event(eid, f, job_id).as_json() for eid, f in entries]}
-    )
+    return json_response({"events": [parse_event(eid, f, job_id).as_json() for eid, f in entries]})
 
 
 async def recent_failures(request: web.Request) -> web.Response:
     """The latest failed downloads and callbacks, from the tail of the global event stream."""
     rows = await request.app[STORAGE].recent_events(("download.failed", "callback.failed"), 20)
-    return web.json_response([parse_event(eid, f).as_json() for eid, f in rows])
+    return json_response([parse_event(eid, f).as_json() for eid, f in rows])
 
 
 async def prometheus(_request: web.Request) -> web.Response:
