@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import signal
 import sys
 import urllib.error
@@ -22,7 +23,7 @@ from downloader.embedded import (
     AddressInUse,
     EmbeddedRedis,
     EmbeddedRedisError,
-    listen_problem,
+    listen_error,
     reachable,
 )
 from downloader.errors import ConfigError
@@ -198,19 +199,21 @@ def _ports_problem(args: argparse.Namespace, config: Config) -> str | None:
     """A one-line error when a port this command listens on is taken, before anything starts."""
     if args.command in ("api", "run"):
         host, port = _api_address(args, config)
-        problem = listen_problem(host, port)
-        if problem == "already in use":
+        error = listen_error(host, port)
+        if error is not None and error.errno == errno.EADDRINUSE:
             holder = "another downloader" if _is_downloader(host, port) else "another program"
             return (
                 f"{host}:{port} is already in use by {holder}; stop it, or set api.port or --port"
             )
-        if problem:
-            return f"cannot listen on {host}:{port}: {problem}; set api.host or --host"
+        if error is not None:
+            return f"cannot listen on {host}:{port}: {error.strerror}; set api.host or --host"
     if args.command in ("processor", "notifier"):
         port = getattr(config, args.command).metrics_port
-        problem = listen_problem("0.0.0.0", port)
-        if problem:
-            return f"{args.command}.metrics_port {port}: {problem}"
+        error = listen_error("0.0.0.0", port)  # where prometheus_client listens
+        if error is not None and error.errno == errno.EADDRINUSE:
+            return f"{args.command}.metrics_port {port} is already in use; stop it or set another"
+        if error is not None:
+            return f"cannot listen on {args.command}.metrics_port {port}: {error.strerror}"
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,7 @@ __all__ = [
     "EmbeddedRedis",
     "EmbeddedRedisError",
     "find_redis_server",
-    "listen_problem",
+    "listen_error",
     "reachable",
 ]
 
@@ -68,8 +69,8 @@ def reachable(host: str, port: int, timeout_s: float = 0.3) -> bool:
         return False
 
 
-def listen_problem(host: str, port: int) -> str | None:
-    """Why a server could not listen on host:port now (`"already in use"`, an OS error), or None.
+def listen_error(host: str, port: int) -> OSError | None:
+    """The error a server would get listening on host:port now (EADDRINUSE: taken), or None.
 
     A trial bind with SO_REUSEADDR, as servers bind (a connection an earlier process left in
     TIME_WAIT is no obstacle), then a connect: on BSD and macOS such a bind succeeds beside a
@@ -80,15 +81,14 @@ def listen_problem(host: str, port: int) -> str | None:
         family, kind, proto, _name, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-    except socket.gaierror as exc:
-        return f"not an address this machine has ({exc.strerror})"
-    with socket.socket(family, kind, proto) as trial:
-        trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+        with socket.socket(family, kind, proto) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             trial.bind(sockaddr)
-        except OSError as exc:
-            return "already in use" if exc.errno == errno.EADDRINUSE else str(exc.strerror)
-    return "already in use" if reachable(host, port) else None
+    except OSError as exc:
+        return exc
+    if reachable(host, port):
+        return OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+    return None
 
 
 def _info(host: str, port: int, section: str = "default") -> dict[str, Any] | None:
@@ -103,18 +103,17 @@ def _info(host: str, port: int, section: str = "default") -> dict[str, Any] | No
 
 
 def _describe_holder(host: str, port: int) -> str:
-    """A few words on what listens on host:port, for an error message ("" when unknown)."""
+    """A few words on the Redis listening on host:port, for an error message ("" if none)."""
     info = _info(host, port, "server")
     if info is None:
         return ""
-    data_dir = ""
+    holder = f"a redis-server (pid {info.get('process_id')}"
     with (
-        contextlib.suppress(redis.RedisError, OSError),
+        contextlib.suppress(redis.RedisError, OSError, KeyError),  # CONFIG may be renamed
         redis.Redis(host=host, port=port, socket_timeout=1, decode_responses=True) as client,
     ):
-        data_dir = str(client.config_get("dir").get("dir", ""))
-    where = f", data in {data_dir}" if data_dir else ""
-    return f" by a redis-server (pid {info.get('process_id')}{where})"
+        holder += f", data in {client.config_get('dir')['dir']}"
+    return f" by {holder})"
 
 
 class EmbeddedRedis:
@@ -139,14 +138,14 @@ class EmbeddedRedis:
 
         Raises AddressInUse when something already listens there, EmbeddedRedisError when the
         child exits or does not answer within `timeout_s` (with the end of its log)."""
-        problem = listen_problem(self.host, self.port)
-        if problem == "already in use":
+        error = listen_error(self.host, self.port)
+        if error is not None and error.errno == errno.EADDRINUSE:
             raise AddressInUse(
                 f"{self.addr} is already in use{_describe_holder(self.host, self.port)}, "
                 "so no Redis can be embedded there"
             )
-        if problem:
-            raise EmbeddedRedisError(f"cannot embed a Redis on {self.addr}: {problem}")
+        if error is not None:
+            raise EmbeddedRedisError(f"cannot embed a Redis on {self.addr}: {error.strerror}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log_offset = log.tell()

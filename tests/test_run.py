@@ -211,7 +211,9 @@ async def test_processor_with_a_taken_metrics_port_stops_in_one_line(
         path, _ = make_config({"processor": {"metrics_port": port}})
         proc = spawn("processor", path)
         assert await exit_code(proc) == 2
-    assert text_lines(proc) == [f"error: processor.metrics_port {port}: already in use"]
+    assert text_lines(proc) == [
+        f"error: processor.metrics_port {port} is already in use; stop it or set another"
+    ]
 
 
 # -- what a new user sees ------------------------------------------------------------------------
