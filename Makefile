@@ -1,19 +1,26 @@
 # Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+# `run` installs the runtime dependencies only; `test`, `lint`, `mypy` and `bench` add the dev
+# extras (pytest, ruff, mypy, moto). Both stamps are redone when pyproject.toml changes.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 CONFIG ?= config.json
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint mypy bench clean
+.PHONY: install install-dev run test lint mypy bench clean libmagic
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e .
 	@$(PY) -c "import magic" 2>/dev/null || $(MAKE) --no-print-directory libmagic
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
 
 # python-magic needs the C library libmagic; install it where we can, else say how.
 libmagic:
@@ -25,22 +32,24 @@ libmagic:
 
 install: $(STAMP)
 
+install-dev: $(DEV_STAMP)
+
 run: install
 	$(VENV)/bin/downloader run -c $(CONFIG)
 
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
-test: install
+test: install-dev
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check downloader tests bench harness
 	$(VENV)/bin/ruff format --check downloader tests bench harness
 
-mypy: install
+mypy: install-dev
 	$(VENV)/bin/mypy
 
-bench: install
+bench: install-dev
 	$(PY) bench/run_all.py
 
 clean:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -38,8 +39,16 @@ _MAX_FIELDS = {"maxWorkerPools", "maxWorkers"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj) + "\n"  # a JSON answer ends with a newline, like any text a shell prints
+
+
+json_response = functools.partial(web.json_response, dumps=_dumps)
+"""`web.json_response` whose body ends with a newline; every JSON answer goes through it."""
+
+
 def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+    return json_response({"error": message, **extra}, status=status)
 
 
 @web.middleware
@@ -106,12 +115,10 @@ async def post_download(request: web.Request) -> web.Response:
         new_job_id(), fields, key, fingerprint, window_ms
     )
     if replayed:
-        return web.json_response(
-            {"id": job_id}, status=201, headers={"Idempotent-Replayed": "true"}
-        )
+        return json_response({"id": job_id}, status=201, headers={"Idempotent-Replayed": "true"})
     metrics.JOBS_ACCEPTED.inc()
     request.app[ACCEPTED][0] += 1
-    return web.json_response({"id": job_id}, status=201)
+    return json_response({"id": job_id}, status=201)
 
 
 def _idempotency_key(request: web.Request) -> str:
@@ -135,7 +142,7 @@ async def abort_job(request: web.Request) -> web.Response:
     """DELETE /jobs/{id}: cancel a pending or running download; a failure callback follows."""
     job_id = _job_id(request)
     event_id = await request.app[STORAGE].abort(job_id, "cancelled by request")
-    return web.json_response({"id": job_id, "download_state": "Failed", "event_id": event_id})
+    return json_response({"id": job_id, "download_state": "Failed", "event_id": event_id})
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -153,12 +160,12 @@ async def heartbeat(request: web.Request) -> web.Response:
 async def retry_callback(request: web.Request) -> web.Response:
     job_id = _job_id(request)
     await request.app[STORAGE].requeue_callback(job_id)
-    return web.json_response({"id": job_id, "callback_state": "Pending"}, status=201)
+    return json_response({"id": job_id, "callback_state": "Pending"}, status=201)
 
 
 async def aggregations(request: web.Request) -> web.Response:
     rows = await request.app[STORAGE].pending_aggregations()
-    return web.json_response([{"name": f"jobs:{name}", "size": size} for name, size in rows])
+    return json_response([{"name": f"jobs:{name}", "size": size} for name, size in rows])
 
 
 async def aggregation_details(request: web.Request) -> web.Response:
@@ -167,7 +174,7 @@ async def aggregation_details(request: web.Request) -> web.Response:
     details = await storage.aggregation_details([name for name, _ in rows])
     for d, (_name, size) in zip(details, rows, strict=True):
         d["pending"] = size
-    return web.json_response(details)
+    return json_response(details)
 
 
 def _sum_stats(rows: list[dict[str, str]]) -> dict[str, int]:
@@ -193,27 +200,27 @@ async def processor_stats(request: web.Request) -> web.Response:
         ),
         0,
     )
-    return web.json_response({**base, **_sum_stats(rows), "instances": len(rows)})
+    return json_response({**base, **_sum_stats(rows), "instances": len(rows)})
 
 
 async def notifier_stats(request: web.Request) -> web.Response:
     rows = await request.app[STORAGE].read_stats("notifier")
     base = {"successfulCallbacks": 0, "failedCallbacks": 0}
-    return web.json_response({**base, **_sum_stats(rows), "instances": len(rows)})
+    return json_response({**base, **_sum_stats(rows), "instances": len(rows)})
 
 
 async def instances(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STORAGE].live_instances())
+    return json_response(await request.app[STORAGE].live_instances())
 
 
 async def get_job(request: web.Request) -> web.Response:
     job = await request.app[STORAGE].get_job(_job_id(request))
-    return web.json_response(job.as_json())
+    return json_response(job.as_json())
 
 
 async def get_events(request: web.Request) -> web.Response:
     events = await request.app[STORAGE].get_events(_job_id(request))
-    return web.json_response({"events": [e.as_json() for e in events]})
+    return json_response({"events": [e.as_json() for e in events]})
 
 
 async def recent_failures(request: web.Request) -> web.Response:
@@ -221,7 +228,7 @@ async def recent_failures(request: web.Request) -> web.Response:
     rows = await request.app[STORAGE].recent_events(
         (EventType.DOWNLOAD_FAILED, EventType.CALLBACK_FAILED), 20
     )
-    return web.json_response([e.as_json() for e in rows])
+    return json_response([e.as_json() for e in rows])
 
 
 async def prometheus(_request: web.Request) -> web.Response:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -16,7 +19,13 @@ from downloader.api import build_app
 from downloader.backends import Backend
 from downloader.backends.http import HttpBackend
 from downloader.config import Config, load_config
-from downloader.embedded import EmbeddedRedis, reachable
+from downloader.embedded import (
+    AddressInUse,
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    listen_error,
+    reachable,
+)
 from downloader.errors import ConfigError
 from downloader.heartbeat import new_instance_id
 from downloader.log import configure_logging, get_logger
@@ -81,21 +90,54 @@ async def _storage(config: Config) -> AsyncIterator[Storage]:
         await storage.close()
 
 
-async def _serve_api(
-    config: Config, storage: Storage, host: str, port: int, stop: asyncio.Event, serve_files: bool
-) -> None:
+async def _start_api(
+    config: Config, storage: Storage, host: str, port: int, serve_files: bool
+) -> tuple[web.AppRunner, str]:
+    """Listen on host:port; the runner and the dashboard's URL (with the port bound for 0)."""
     runner = web.AppRunner(build_app(config, storage, serve_files=serve_files), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    log.info("api listening", host=host, port=port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1] if runner.addresses else port
+    log.info("api listening", host=host, port=bound)
+    return runner, f"http://{_url_host(host)}:{bound}/"
+
+
+def _url_host(host: str) -> str:
+    """How to reach a listen address from this machine, as the host part of a URL."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return f"[{host}]" if ":" in host else host
+
+
+async def _serve_until(runner: web.AppRunner, stop: asyncio.Event) -> None:
     try:
         await stop.wait()
     finally:
         await runner.cleanup()
 
 
-async def _run(args: argparse.Namespace, config: Config) -> int:
+async def _watch_embedded(embedded: EmbeddedRedis, stop: asyncio.Event) -> None:
+    """Stop everything when the embedded redis-server dies: without it nothing can work."""
+    code = await embedded.wait_exit()
+    log.error("embedded redis-server exited; stopping", exit_code=code, log=str(embedded.log_path))
+    stop.set()
+
+
+def _print_ready(url: str) -> None:
+    """Where to look and what to try, on stdout, plain whatever the log format."""
+    print(
+        "downloader is running (Ctrl-C stops it)\n"
+        f"  dashboard: {url}\n"
+        f"  try:       curl -s {url}dashboard/instances  (then the demo in README.md, Quick start)",
+        flush=True,
+    )
+
+
+async def _run(args: argparse.Namespace, config: Config, embedded: EmbeddedRedis | None) -> int:
     stop = _stop_event()
     instance = new_instance_id()
     roles = {"api", "processor", "notifier"} if args.command == "run" else {args.command}
@@ -111,24 +153,32 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
             if port:
                 start_http_server(port)
     async with _storage(config) as storage:
-        tasks = []
+        # the API listens first: a port in use stops us before any work is taken
+        tasks: list[asyncio.Task[None]] = []
+        url = ""
         if "api" in roles:
-            tasks.append(
-                _serve_api(
-                    config,
-                    storage,
-                    args.host or config.api.host,
-                    args.port or config.api.port,
-                    stop,
-                    config.api.serve_files,
-                )
-            )
+            host, port = _api_address(args, config)
+            try:
+                runner, url = await _start_api(config, storage, host, port, config.api.serve_files)
+            except OSError as exc:  # taken since _ports_problem looked
+                print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+                return 2
+            tasks.append(asyncio.create_task(_serve_until(runner, stop)))
         if "processor" in roles:
-            tasks.append(Processor(config, storage, instance).run(stop))
+            tasks.append(asyncio.create_task(Processor(config, storage, instance).run(stop)))
         if "notifier" in roles:
-            tasks.append(make_notifier(config, storage, instance).run(stop))
-        await asyncio.gather(*tasks)
-    return 0
+            tasks.append(asyncio.create_task(make_notifier(config, storage, instance).run(stop)))
+        watch = asyncio.create_task(_watch_embedded(embedded, stop)) if embedded else None
+        await asyncio.sleep(0)  # every role has begun
+        if args.command == "run":
+            _print_ready(url)
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            redis_died = watch is not None and watch.done()
+            if watch is not None:
+                watch.cancel()
+    return 1 if redis_died else 0
 
 
 async def _rebuild(config: Config) -> int:
@@ -141,8 +191,48 @@ async def _rebuild(config: Config) -> int:
     return 0
 
 
+def _api_address(args: argparse.Namespace, config: Config) -> tuple[str, int]:
+    return args.host or config.api.host, args.port or config.api.port
+
+
+def _ports_problem(args: argparse.Namespace, config: Config) -> str | None:
+    """A one-line error when a port this command listens on is taken, before anything starts."""
+    if args.command in ("api", "run"):
+        host, port = _api_address(args, config)
+        error = listen_error(host, port)
+        if error is not None and error.errno == errno.EADDRINUSE:
+            holder = "another downloader" if _is_downloader(host, port) else "another program"
+            return (
+                f"{host}:{port} is already in use by {holder}; stop it, or set api.port or --port"
+            )
+        if error is not None:
+            return f"cannot listen on {host}:{port}: {error.strerror}; set api.host or --host"
+    if args.command in ("processor", "notifier"):
+        port = getattr(config, args.command).metrics_port
+        error = listen_error("0.0.0.0", port)  # where prometheus_client listens
+        if error is not None and error.errno == errno.EADDRINUSE:
+            return f"{args.command}.metrics_port {port} is already in use; stop it or set another"
+        if error is not None:
+            return f"cannot listen on {args.command}.metrics_port {port}: {error.strerror}"
+    return None
+
+
+def _is_downloader(host: str, port: int) -> bool:
+    """Whether a downloader API answers on host:port (its /hb says OK, disabled or unavailable)."""
+    try:
+        with urllib.request.urlopen(f"http://{_url_host(host)}:{port}/hb", timeout=1) as resp:
+            body = resp.read(64)
+    except urllib.error.HTTPError as exc:
+        body = exc.read(64)
+    except (OSError, ValueError):
+        return False
+    return body in (b"OK", b"disabled", b"storage unavailable")
+
+
 def _embed_if_needed(config: Config) -> tuple[Config, EmbeddedRedis | None]:
-    """`run` with no Redis configured, or a local one that is down: start one ourselves."""
+    """`run` with no Redis configured, or a loopback one where nothing answers: start one.
+
+    Raises EmbeddedRedisError (AddressInUse when the port is taken) with a one-line reason."""
     addr = config.redis.addr
     if config.redis.sentinel:
         return config, None
@@ -151,12 +241,27 @@ def _embed_if_needed(config: Config) -> tuple[Config, EmbeddedRedis | None]:
         h, _, p = addr.rpartition(":")
         host, port = h or "127.0.0.1", int(p)
         if reachable(host, port) or host not in ("127.0.0.1", "localhost", "::1"):
+            log.info("using redis", addr=addr)
             return config, None
     embedded = EmbeddedRedis(
         config.redis.embedded_dir, "127.0.0.1" if host == "localhost" else host, port
     )
-    embedded.start()
-    log.info("started embedded redis", addr=embedded.addr, data_dir=str(embedded.data_dir))
+    try:
+        embedded.start()
+    except AddressInUse as exc:
+        advice = (
+            "stop it, or set redis.addr to a free port"
+            if addr
+            else f"set redis.addr to {embedded.addr} to use that server, or stop it"
+        )
+        raise AddressInUse(f"{exc}; {advice}") from None
+    assert embedded.proc is not None
+    log.info(
+        "started embedded redis",
+        addr=embedded.addr,
+        pid=embedded.proc.pid,
+        data_dir=str(embedded.data_dir),
+    )
     redis = config.redis.model_copy(update={"addr": embedded.addr})
     return config.model_copy(update={"redis": redis}), embedded
 
@@ -220,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: valid configuration")
         return 0
     configure_logging(config.log)
+    if problem := _ports_problem(args, config):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     embedded = None
     try:
         if args.command == "run":
@@ -229,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.command == "rebuild":
             return asyncio.run(_rebuild(config))
-        return asyncio.run(_run(args, config))
+        return asyncio.run(_run(args, config, embedded))
+    except EmbeddedRedisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     finally:
