@@ -143,13 +143,11 @@ async def _rebuild(config: Config) -> int:
 
 def _embed_if_needed(config: Config) -> tuple[Config, EmbeddedRedis | None]:
     """`run` with no Redis configured, or a local one that is down: start one ourselves."""
-    addr = config.redis.addr
-    if config.redis.sentinel:
+    if config.redis.sentinels:
         return config, None
     host, port = "127.0.0.1", 6379
-    if addr:
-        h, _, p = addr.rpartition(":")
-        host, port = h or "127.0.0.1", int(p)
+    if config.redis.addr:
+        host, port = config.redis.server
         if reachable(host, port) or host not in ("127.0.0.1", "localhost", "::1"):
             return config, None
     embedded = EmbeddedRedis(
@@ -211,20 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "receive":
         return asyncio.run(_receive(args.host, args.port))
+    notes: list[str] = []  # keys of the original service that mean nothing here
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, warnings=notes)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
         print(f"{args.config}: valid configuration")
         return 0
     configure_logging(config.log)
+    for note in notes:
+        log.warning(note, config=args.config)
     embedded = None
     try:
         if args.command == "run":
             config, embedded = _embed_if_needed(config)
-        elif not config.redis.addr:
+        elif not config.redis.addr and not config.redis.sentinels:
             print("error: redis.addr is not set (only `run` embeds a Redis)", file=sys.stderr)
             return 2
         if args.command == "rebuild":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,15 +22,15 @@ import aiohttp
 from downloader import metrics
 from downloader.backoff import download_retry_delay_s, should_retry_download
 from downloader.config import Config
-from downloader.errors import PermanentError, TransientError
+from downloader.errors import DownloaderError, PermanentError, TransientError
 from downloader.fetch import FetchRequest, FetchResult, fetch
-from downloader.filestore import FileStore
+from downloader.filestore import open_store
 from downloader.heartbeat import publish_stats
 from downloader.log import get_logger
 from downloader.mime import MimePattern
 from downloader.netguard import NetworkPolicy
 from downloader.resilience import REDIS_DOWN, forever
-from downloader.s3store import S3Store
+from downloader.s3store import S3Store, user_metadata
 from downloader.storage import Finish, Storage
 
 __all__ = ["HAND_ON_CHAIN", "Processor"]
@@ -80,7 +81,8 @@ class Processor:
         self.cfg = config.processor
         self.storage = storage
         self.owner = instance
-        self.store = FileStore(self.cfg.storage_dir, self.cfg.download_url)
+        self.store = open_store(config, self.cfg.max_workers)
+        self._reap_pause_s = 0.0  # after a failed deletion (the store's bucket unreachable)
         self.s3 = S3Store(config.s3, self.cfg.max_workers) if config.s3.enabled else None
         self.policy = NetworkPolicy.from_config(config.security)
         self.stats = ProcessorStats()
@@ -111,6 +113,7 @@ class Processor:
                 ("wake", self._wake_step),
                 ("dispatch", self._dispatch_step),
                 ("timer", self._timer_step),
+                ("reap", self._reap_step),
                 ("renew", self._renew_step),
                 ("disk", self._disk_step),
                 ("sweep", self._sweep_step),
@@ -167,6 +170,7 @@ class Processor:
             await self._session.close()
         if self.s3 is not None:
             self.s3.close()
+        self.store.close()
         log.info("processor stopped", instance=self.owner)
 
     async def _keep_leases(self) -> None:
@@ -386,13 +390,22 @@ class Processor:
         store. Returns the event data saying where; S3 errors keep the download's status."""
         job_id, bucket = job["id"], job.get("s3_bucket", "")
         if not bucket:
-            self.store.commit(tmp, job_id)
-            return {"download_url": self.store.url(job_id)}
+            try:
+                return {"download_url": await self.store.commit(tmp, job_id, result.mime_type)}
+            except (TransientError, PermanentError) as exc:
+                raise type(exc)(str(exc), result.response_code) from exc
         assert self.s3 is not None  # checked before the download
         key = self.s3.key(job_id)
+        try:
+            metadata = user_metadata(job.get("extra", ""))
+        except ValueError as exc:  # checked at POST since; a job accepted before may hold it
+            log.warning("extra left out of the S3 metadata", job_id=job_id, reason=str(exc))
+            metadata = {}
         started = time.perf_counter()
         try:
-            await self.s3.upload(tmp, bucket, job.get("s3_region", ""), key, result.mime_type)
+            await self.s3.upload(
+                tmp, bucket, job.get("s3_region", ""), key, result.mime_type, metadata
+            )
         except (TransientError, PermanentError) as exc:
             raise type(exc)(str(exc), result.response_code) from exc
         finally:  # uploaded, failed or cancelled: the temp file has served
@@ -404,7 +417,7 @@ class Processor:
         """We stored a file but lost the lease. If the job ended without success (aborted,
         failed elsewhere) nothing will ever reap that file: remove it. If it is still running
         or succeeded elsewhere, the file at that path is (or will be) that download's."""
-        with contextlib.suppress(*REDIS_DOWN):
+        with contextlib.suppress(*REDIS_DOWN, DownloaderError):
             job = await self.storage.get_job(job_id)
             if job is not None and job.get("download_state") == "Failed":
                 await asyncio.to_thread(self.store.delete, job_id)
@@ -448,18 +461,33 @@ class Processor:
     # -- background -----------------------------------------------------------------------------
 
     async def _timer_step(self) -> None:
-        """Promote due retries, requeue expired leases, reap delivered files; sleep until due."""
+        """Promote due retries, requeue expired leases; sleep until the next is due."""
         _moved, next_retry_ms = await self.storage.promote_retries()
         while await self.storage.requeue_expired() > 0:
             pass
-        due, next_reap_ms = await self.storage.reap_due()
-        for job_id in due:
-            await asyncio.to_thread(self.store.delete, job_id)
-            await self.storage.reap_done(job_id)
-        waits = [self.cfg.lease_ms / 2] + [ms for ms in (next_retry_ms, next_reap_ms) if ms >= 0]
+        waits = [self.cfg.lease_ms / 2] + [ms for ms in (next_retry_ms,) if ms >= 0]
         self._timer_kick.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._timer_kick.wait(), max(1, min(waits)) / 1000)
+
+    async def _reap_step(self) -> None:
+        """Delete the files whose callback was delivered `deletion_interval` ago; sleep until the
+        next is due. Its own loop: a file store that is slow to answer (an S3 bucket) holds up
+        no retry nor requeue. A failed deletion is retried after 1 s, doubling to 60 s."""
+        due, next_reap_ms = await self.storage.reap_due()
+        for job_id in due:
+            try:
+                await asyncio.to_thread(self.store.delete, job_id)
+            except DownloaderError as exc:
+                self._reap_pause_s = min(max(1.0, self._reap_pause_s * 2), 60.0)
+                log.warning("could not delete a stored file; will retry", job_id=job_id,
+                            error=str(exc), retry_in_s=self._reap_pause_s)  # fmt: skip
+                await asyncio.sleep(self._reap_pause_s)
+                return
+            self._reap_pause_s = 0.0
+            await self.storage.reap_done(job_id)
+        wait_ms = min(self.cfg.lease_ms / 2, next_reap_ms if next_reap_ms >= 0 else math.inf)
+        await asyncio.sleep(max(1, wait_ms) / 1000)
 
     async def _renew_step(self) -> None:
         await asyncio.sleep(self.cfg.lease_ms / 3000)

@@ -35,6 +35,7 @@ DOWNLOAD_FIELDS = (
     "max_retries",
     "s3_bucket",
     "s3_region",
+    "extra",  # the user metadata of an upload to the job's own bucket
 )
 CALLBACK_FIELDS = (
     "id",
