@@ -112,14 +112,14 @@ async def test_a_stalled_bucket_holds_up_neither_retries_nor_its_own_deletions(
 
         failing = files.add("/broken", Reply(b"down", 503))
         other = await svc.submit(**job_request(failing, receiver.url("/cb"), max_retries=2))
-        done = await svc.wait_job(other, lambda j: j["download_state"] == "Failed", timeout=20)
+        done = await svc.wait_job(other, lambda j: j["download_state"] == "Failed")
         assert done["download_attempts"] == 3
         key = f"{job_id[:3]}/{job_id}"
         assert await object_keys(moto, bucket) == [key]
         assert (await svc.job(job_id))["file_state"] == "stored"
 
         relay.release()
-        await svc.wait_job(job_id, lambda j: j["file_state"] == "deleted", timeout=30)
+        await svc.wait_job(job_id, lambda j: j["file_state"] == "deleted")
         assert await object_keys(moto, bucket) == []
     finally:
         relay.release()
