@@ -89,7 +89,7 @@ class RedisConfig(_Section):
     @field_validator("addr")
     @classmethod
     def _addr(cls, v: str | None) -> str | None:
-        for part in (v or "").split(",") if v else []:
+        for part in v.split(",") if v else []:
             _host_port(part, 6379)
         return v
 
@@ -371,6 +371,8 @@ _ORIGINAL_ONLY = {
         "processor.download_url (the original moved it there too)"
     ),
 }
+_FILESTORAGE_KEYS_OF = {"filesystem": {"rootdir"}, "s3": {"region", "bucket"}}
+_FILESTORAGE_KEYS = {"rootdir", "region", "bucket"}
 _GO_CLIENT_HINTS = {
     "go.delivery.reports": "delivery reports are always on here",
     "go.delivery.report.fields": "delivery reports carry what the notifier needs",
@@ -404,6 +406,13 @@ def _drop_original_only(raw: dict[str, Any]) -> list[str]:
             "redis.sentinel is ignored without redis.master_name, as the original did: "
             "set redis.master_name to use Sentinel"
         )
+    filestorage = _node(raw, "processor", "filestorage")
+    kind = filestorage.get("type")
+    if isinstance(kind, str) and kind in _FILESTORAGE_KEYS_OF:
+        for key in sorted(_FILESTORAGE_KEYS - _FILESTORAGE_KEYS_OF[kind]):
+            if key in filestorage:  # the original's filestorage was a map: it ignored the others
+                del filestorage[key]
+                warnings.append(f"processor.filestorage.{key} is ignored with type {kind!r}")
     for (section, key), why in _ORIGINAL_ONLY.items():
         node = _node(raw, section)
         if key in node:

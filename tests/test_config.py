@@ -204,7 +204,7 @@ def test_filestorage_rootdir_from_the_environment(tmp_path: Path) -> None:
         ({"type": "s3", "region": "eu-west-1"}, r"processor\.filestorage\.bucket: Field required"),
         ({"type": "s3", "region": "eu-west-1", "bucket": "Bad_Name"}, r"filestorage\.bucket"),
         ({"type": "s3", "region": "EU West", "bucket": "media"}, r"filestorage\.region"),
-        ({"type": "s3", "region": "r", "bucket": "media", "rootdir": "/x"}, r"\.rootdir: unknown"),
+        ({"type": "s3", "region": "r", "bucket": "media", "prefix": "/x"}, r"\.prefix: unknown"),
         ({"type": "gcs"}, r"processor\.filestorage: .*'filesystem', 's3'"),
         ("s3", r"processor\.filestorage\.region"),
     ],
@@ -213,6 +213,15 @@ def test_bad_filestorage_names_the_key(tmp_path: Path, filestorage: object, key:
     """A bad filestorage object is an error naming the key inside it."""
     with pytest.raises(ConfigError, match=key):
         load_config(write(tmp_path, {"processor": {"filestorage": filestorage}}), environ={})
+
+
+def test_filestorage_keys_of_the_other_type_are_ignored_with_a_warning(tmp_path: Path) -> None:
+    """As in the original (a plain map), a rootdir next to type s3 is ignored, and warned about."""
+    s3 = {"type": "s3", "region": "eu-west-1", "bucket": "media", "rootdir": "/old"}
+    warnings: list[str] = []
+    config = load_config(write(tmp_path, {"processor": {"filestorage": s3}}), {}, warnings)
+    assert config.processor.files_root is None
+    assert warnings == ["processor.filestorage.rootdir is ignored with type 's3'"]
 
 
 def test_serve_files_needs_files_on_the_filesystem(tmp_path: Path) -> None:
