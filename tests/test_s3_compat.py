@@ -56,7 +56,11 @@ async def test_s3_filestorage_stores_every_job_in_the_bucket_and_reaps_it(
     configured bucket (download_url = processor.download_url + that path), nothing stays on
     local disk, and deletion_interval after the callback the object is deleted."""
     svc = await service_factory(
-        {"processor": bucket_store(bucket), "s3": moto.settings(enabled=False)}
+        {
+            "processor": bucket_store(bucket),
+            "s3": moto.settings(enabled=False),
+            "notifier": {"deletion_interval": 0.05},  # 3 s: time to look at the object first
+        }
     )
     data = b"one bucket for every job\n"
     job_id = await svc.submit(**job_request(files.add("/a.txt", data), receiver.url("/cb")))
@@ -103,8 +107,14 @@ async def test_a_stalled_bucket_holds_up_neither_retries_nor_its_own_deletions(
         settings = moto.settings(
             enabled=False, endpoint_url=f"http://127.0.0.1:{relay.port}", read_timeout_seconds=60
         )
-        svc = await service_factory({"processor": bucket_store(bucket), "s3": settings})
-        receiver.delay_s = 1.0  # the deletion is scheduled only once the callback is answered
+        svc = await service_factory(
+            {
+                "processor": bucket_store(bucket),
+                "s3": settings,
+                "notifier": {"deletion_interval": 0.02},  # 1.2 s after the callback's answer
+            }
+        )
+        receiver.delay_s = 1.0  # so the bucket stalls before the deletion comes (2.2 s margin)
         job_id = await svc.submit(**job_request(files.add("/a.txt", b"a\n"), receiver.url("/cb")))
         await svc.wait_job(job_id, lambda j: j["download_state"] == "Success")
         relay.hold()
