@@ -288,7 +288,7 @@ def build_app(config: Config, storage: Storage, serve_files: bool = False) -> we
     app.router.add_get("/metrics", prometheus)
     app.router.add_get("/", dashboard)
     if serve_files:
-        root = Path(config.processor.storage_dir)
+        root = Path(config.processor.files_root or config.processor.storage_dir)
         root.mkdir(parents=True, exist_ok=True)
         app.router.add_static("/files/", root, show_index=False, follow_symlinks=False)
     return app

@@ -233,15 +233,13 @@ def _embed_if_needed(config: Config) -> tuple[Config, EmbeddedRedis | None]:
     """`run` with no Redis configured, or a loopback one where nothing answers: start one.
 
     Raises EmbeddedRedisError (AddressInUse when the port is taken) with a one-line reason."""
-    addr = config.redis.addr
-    if config.redis.sentinel:
+    if config.redis.sentinels:
         return config, None
     host, port = "127.0.0.1", 6379
-    if addr:
-        h, _, p = addr.rpartition(":")
-        host, port = h or "127.0.0.1", int(p)
+    if config.redis.addr:
+        host, port = config.redis.server
         if reachable(host, port) or host not in ("127.0.0.1", "localhost", "::1"):
-            log.info("using redis", addr=addr)
+            log.info("using redis", addr=config.redis.addr)
             return config, None
     embedded = EmbeddedRedis(
         config.redis.embedded_dir, "127.0.0.1" if host == "localhost" else host, port
@@ -251,7 +249,7 @@ def _embed_if_needed(config: Config) -> tuple[Config, EmbeddedRedis | None]:
     except AddressInUse as exc:
         advice = (
             "stop it, or set redis.addr to a free port"
-            if addr
+            if config.redis.addr
             else f"set redis.addr to {embedded.addr} to use that server, or stop it"
         )
         raise AddressInUse(f"{exc}; {advice}") from None
@@ -316,15 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "receive":
         return asyncio.run(_receive(args.host, args.port))
+    notes: list[str] = []  # keys of the original service that mean nothing here
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, warnings=notes)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
         print(f"{args.config}: valid configuration")
         return 0
     configure_logging(config.log)
+    for note in notes:
+        log.warning(note, config=args.config)
     if problem := _ports_problem(args, config):
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             config, embedded = _embed_if_needed(config)
-        elif not config.redis.addr:
+        elif not config.redis.addr and not config.redis.sentinels:
             print("error: redis.addr is not set (only `run` embeds a Redis)", file=sys.stderr)
             return 2
         if args.command == "rebuild":

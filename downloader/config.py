@@ -7,13 +7,22 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from downloader.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Config", "S3Config", "is_bucket_name", "load_config"]
+__all__ = [
+    "ENV_PREFIX",
+    "Config",
+    "FilesystemStorage",
+    "S3Config",
+    "S3Storage",
+    "is_bucket_name",
+    "is_region_name",
+    "load_config",
+]
 
 ENV_PREFIX = "DOWNLOADER__"
 
@@ -22,6 +31,9 @@ _IPV4_SHAPE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 # AWS reserves these for access points, Object Lambda, directory and table buckets
 _RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+# AWS names regions like eu-west-1 or us-gov-east-1; S3-compatible stores use e.g. "auto", "nyc3"
+_REGION = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+REGION_MAX = 32
 
 
 def is_bucket_name(name: str) -> bool:
@@ -37,19 +49,82 @@ def is_bucket_name(name: str) -> bool:
     )
 
 
+def is_region_name(name: str) -> bool:
+    """A region name like eu-west-1: lowercase letters, digits and single hyphens, starting
+    with a letter, at most REGION_MAX characters (it becomes part of the endpoint's hostname)."""
+    return len(name) <= REGION_MAX and bool(_REGION.match(name))
+
+
+def _host_port(addr: str, default_port: int) -> tuple[str, int]:
+    """`host:port` (or `host`, or `:port`) -> (host, port); raises ValueError on a bad port."""
+    host, sep, port = addr.strip().rpartition(":")
+    if not sep:
+        host, port = port, ""
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"{addr.strip()!r} is not host:port") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"{addr.strip()!r} has no valid port")
+    return host or "127.0.0.1", number
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RedisConfig(_Section):
     addr: str | None = None
-    """`host:port`; with `sentinel`, comma-separated sentinels. Unset: `run` embeds Redis."""
-    sentinel: bool = False
-    master_name: str = "mymaster"
+    """`host:port`; with `sentinel: true`, comma-separated sentinels. Unset: `run` embeds Redis."""
+    sentinel: bool | list[str] = False
+    """`true` (the sentinels are `addr`), or the original's form: a list of sentinel `host:port`
+    (then `addr` is not used); an empty list means no Sentinel."""
+    master_name: str | None = None
+    """The master's name at the sentinels (default `mymaster`)."""
     db: int = Field(0, ge=0)
     password: str | None = None
     key_prefix: str = Field("dl", min_length=1)
     embedded_dir: str = "var/redis"
+
+    @field_validator("addr")
+    @classmethod
+    def _addr(cls, v: str | None) -> str | None:
+        for part in v.split(",") if v else []:
+            _host_port(part, 6379)
+        return v
+
+    @field_validator("sentinel")
+    @classmethod
+    def _sentinel_list(cls, v: bool | list[str]) -> bool | list[str]:
+        for part in v if isinstance(v, list) else []:
+            _host_port(part, 26379)
+        return v
+
+    @model_validator(mode="after")
+    def _sentinels_named(self) -> RedisConfig:
+        if self.sentinel is True and not self.addr:
+            raise ValueError("sentinel: true needs addr (the comma-separated sentinels)")
+        return self
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """The sentinels to ask for the master, from either form; empty: no Sentinel."""
+        if isinstance(self.sentinel, list):
+            return [_host_port(a, 26379) for a in self.sentinel]
+        if self.sentinel and self.addr:
+            return [_host_port(a, 26379) for a in self.addr.split(",")]
+        return []
+
+    @property
+    def master(self) -> str:
+        return self.master_name or "mymaster"
+
+    @property
+    def server(self) -> tuple[str, int]:
+        """`addr` as (host, port) when no Sentinel is used; raises ValueError when unset."""
+        if not self.addr:
+            raise ValueError("redis.addr is not set")
+        return _host_port(self.addr, 6379)
 
 
 class ApiConfig(_Section):
@@ -64,9 +139,45 @@ class ApiConfig(_Section):
     """Serve the file store under /files/ (for `make run`; use a real web server in production)."""
 
 
+class FilesystemStorage(_Section):
+    """Files at `<rootdir>/<id[0:3]>/<id>`, their temporary files in `<rootdir>/.tmp`."""
+
+    type: Literal["filesystem"]
+    rootdir: str | None = None
+    """Unset: processor.storage_dir."""
+
+
+class S3Storage(_Section):
+    """Every job's file in one bucket at `<id[0:3]>/<id>`, reaped like a local file; the
+    temporary files in `<processor.storage_dir>/.tmp`; credentials and endpoint from `s3`."""
+
+    type: Literal["s3"]
+    region: str
+    bucket: str
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not is_bucket_name(v):
+            raise ValueError(f"{v!r} is not a valid S3 bucket name")
+        return v
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if not is_region_name(v):
+            raise ValueError(f"{v!r} is not a region name like eu-west-1")
+        return v
+
+
+FileStorage = Annotated[FilesystemStorage | S3Storage, Field(discriminator="type")]
+
+
 class ProcessorConfig(_Section):
     storage_dir: str = "var/files"
-    filestorage: Literal["filesystem"] = "filesystem"
+    """The file store when `filestorage` is the filesystem without `rootdir`; with S3, where
+    downloads are written before their upload."""
+    filestorage: FileStorage = FilesystemStorage(type="filesystem")
     request_headers: dict[str, str] = {}
     download_url: str = "http://localhost:8000/files"
     stats_interval: int = Field(5000, gt=0, description="milliseconds")
@@ -85,11 +196,30 @@ class ProcessorConfig(_Section):
     metrics_port: int = Field(0, ge=0, le=65535)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
 
+    @field_validator("filestorage", mode="before")
+    @classmethod
+    def _filestorage_forms(cls, v: Any) -> Any:
+        """The flat `"filesystem"` of earlier versions; an object without `type` (as env
+        overrides of `rootdir` alone make) is the filesystem."""
+        if isinstance(v, str):
+            return {"type": v}
+        if isinstance(v, dict) and "type" not in v:
+            return {"type": "filesystem", **v}
+        return v
+
     @model_validator(mode="after")
     def _resume_below_pause(self) -> ProcessorConfig:
         if self.disk_resume_percent > self.disk_pause_percent:
             raise ValueError("disk_resume_percent must not exceed disk_pause_percent")
         return self
+
+    @property
+    def files_root(self) -> str | None:
+        """The directory of the filesystem store (`filestorage.rootdir`, else `storage_dir`);
+        None when files go to an S3 bucket."""
+        if isinstance(self.filestorage, S3Storage):
+            return None
+        return self.filestorage.rootdir or self.storage_dir
 
 
 class NotifierConfig(_Section):
@@ -226,7 +356,77 @@ class Config(_Section):
     def _export_needs_kafka(self) -> Config:
         if self.events.kafka_topic and self.backends.kafka is None:
             raise ValueError("events.kafka_topic needs backends.kafka (the producer settings)")
+        if self.api.serve_files and self.processor.files_root is None:
+            raise ValueError(
+                "api.serve_files needs files on the filesystem (processor.filestorage)"
+            )
         return self
+
+
+# Keys of the original's config that mean nothing here: dropped before validation, each with a
+# warning saying what to use instead. Anything else unknown stays an error.
+_ORIGINAL_ONLY = {
+    ("notifier", "download_url"): (
+        "notifier.download_url is ignored: the base of download_url in callbacks is "
+        "processor.download_url (the original moved it there too)"
+    ),
+}
+_FILESTORAGE_KEYS_OF = {"filesystem": {"rootdir"}, "s3": {"region", "bucket"}}
+_FILESTORAGE_KEYS = {"rootdir", "region", "bucket"}
+_GO_CLIENT_HINTS = {
+    "go.delivery.reports": "delivery reports are always on here",
+    "go.delivery.report.fields": "delivery reports carry what the notifier needs",
+    "go.produce.channel.size": "bound the producer queue with queue.buffering.max.messages",
+    "go.events.channel.enable": "there is no events channel here",
+    "go.events.channel.size": "there is no events channel here",
+    "go.logs.channel.enable": "librdkafka logs to stderr",
+    "go.logs.channel": "librdkafka logs to stderr",
+}
+
+
+def _node(raw: dict[str, Any], *path: str) -> dict[str, Any]:
+    """The object at `path` in a raw config, or an empty one when it is not an object."""
+    node: Any = raw
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def _drop_original_only(raw: dict[str, Any]) -> list[str]:
+    """Remove the original's keys that mean nothing here from `raw`; one warning each."""
+    warnings = []
+    redis = _node(raw, "redis")
+    if (
+        isinstance(redis.get("sentinel"), list)
+        and redis["sentinel"]
+        and not redis.get("master_name")
+    ):
+        del redis["sentinel"]  # the original then connects to addr
+        warnings.append(
+            "redis.sentinel is ignored without redis.master_name, as the original did: "
+            "set redis.master_name to use Sentinel"
+        )
+    filestorage = _node(raw, "processor", "filestorage")
+    kind = filestorage.get("type")
+    if isinstance(kind, str) and kind in _FILESTORAGE_KEYS_OF:
+        for key in sorted(_FILESTORAGE_KEYS - _FILESTORAGE_KEYS_OF[kind]):
+            if key in filestorage:  # the original's filestorage was a map: it ignored the others
+                del filestorage[key]
+                warnings.append(f"processor.filestorage.{key} is ignored with type {kind!r}")
+    for (section, key), why in _ORIGINAL_ONLY.items():
+        node = _node(raw, section)
+        if key in node:
+            del node[key]
+            warnings.append(why)
+    kafka = _node(raw, "backends", "kafka")
+    for name in [k for k in kafka if k.startswith("go.")]:
+        del kafka[name]
+        hint = _GO_CLIENT_HINTS.get(name, "librdkafka has no such setting")
+        warnings.append(
+            f"backends.kafka[{name!r}] is ignored: a setting of the Go client "
+            f"(confluent-kafka-go) that librdkafka does not know; {hint}"
+        )
+    return warnings
 
 
 def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
@@ -253,14 +453,24 @@ def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        loc = list(e["loc"])
+        if loc[:2] == ["processor", "filestorage"] and len(loc) > 3:
+            del loc[2]  # pydantic puts the union's tag (filesystem, s3) in the path
+        key = ".".join(str(p) for p in loc) or "(root)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
-    """Read `path` (missing file: defaults), apply env overrides, validate. Raises ConfigError."""
+def load_config(
+    path: str | Path | None,
+    environ: dict[str, str] | None = None,
+    warnings: list[str] | None = None,
+) -> Config:
+    """Read `path` (missing file: defaults), apply env overrides, validate. Raises ConfigError.
+    Keys of the original service that mean nothing here are dropped, each with a sentence
+    appended to `warnings` saying what to use instead."""
     environ = dict(os.environ) if environ is None else environ
     raw: dict[str, Any] = {}
     source = str(path) if path else "defaults"
@@ -275,6 +485,9 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None) 
     elif path is not None and Path(path).name != "config.json":
         raise ConfigError(f"configuration file {source} does not exist")
     _apply_env(raw, environ)
+    notes = _drop_original_only(raw)
+    if warnings is not None:
+        warnings.extend(notes)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:

@@ -93,8 +93,6 @@ class FollowingMasterPool(SentinelConnectionPool):
 def connect(config: Config) -> aioredis.Redis:
     """A client for the configured Redis (or Sentinel-managed master)."""
     rc = config.redis
-    if not rc.addr:
-        raise ValueError("redis.addr is not set")
     # Fail fast when Redis is down (the API answers 503 within about a second, loops back off
     # on their own) instead of redis-py's default of 10 retries with up to 10 s waits.
     common: dict[str, Any] = {
@@ -106,20 +104,16 @@ def connect(config: Config) -> aioredis.Redis:
         "retry": Retry(ExponentialBackoff(cap=0.25, base=0.02), 3),
         "health_check_interval": 30,
     }
-    if rc.sentinel:
-        sentinels = []
-        for addr in rc.addr.split(","):
-            host, _, port = addr.strip().rpartition(":")
-            sentinels.append((host or "127.0.0.1", int(port)))
-        sentinel = SerializedSentinel(sentinels, **common)  # type: ignore[no-untyped-call]
+    if rc.sentinels:
+        sentinel = SerializedSentinel(rc.sentinels, **common)  # type: ignore[no-untyped-call]
         return cast(
             aioredis.Redis,
-            sentinel.master_for(rc.master_name, connection_pool_class=FollowingMasterPool),
+            sentinel.master_for(rc.master, connection_pool_class=FollowingMasterPool),
         )
-    host, _, port = rc.addr.rpartition(":")
+    host, port = rc.server
     # redis-py 8 caps a pool at 100 connections and fails the 101st command ("Too many
     # connections"); a blocking pool makes a burst wait for a free connection instead.
     pool = aioredis.BlockingConnectionPool(
-        host=host or "127.0.0.1", port=int(port or 6379), max_connections=1024, timeout=5, **common
+        host=host, port=port, max_connections=1024, timeout=5, **common
     )
     return aioredis.Redis.from_pool(pool)

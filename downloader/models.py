@@ -9,18 +9,20 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from downloader.config import S3Config, is_bucket_name
+from downloader.config import REGION_MAX, S3Config, is_bucket_name, is_region_name
 from downloader.errors import ValidationFailed
 from downloader.mime import MimePattern
+from downloader.s3store import user_metadata
 
-__all__ = ["DownloadRequest", "check_s3_policy", "parse_download_request"]
+__all__ = ["INT32_MAX", "DownloadRequest", "check_s3_policy", "parse_download_request"]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# AWS names regions like eu-west-1 or us-gov-east-1; S3-compatible stores use e.g. "auto", "nyc3"
-_REGION = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
-_REGION_MAX = 32
+INT32_MAX = 2**31 - 1
+"""The largest aggr_limit or max_retries taken: what the original's clients can send it."""
+# Optional strings that a client of the original may send empty to mean "not given"
+_EMPTY_MEANS_ABSENT = ("callback_type", "callback_dst", "callback_url", "s3_bucket", "s3_region")
 
 
 def _check_http_url(value: str) -> str:
@@ -81,7 +83,7 @@ class DownloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     aggr_id: str = Field(min_length=1, max_length=256)
-    aggr_limit: int = Field(gt=0, le=10_000)
+    aggr_limit: int = Field(gt=0, le=INT32_MAX)
     aggr_proxy: str | None = None
     url: str
     callback_type: Literal["http", "kafka"] | None = None
@@ -89,12 +91,20 @@ class DownloadRequest(BaseModel):
     callback_url: str | None = None
     extra: str = ""
     mime_type: str = ""
-    max_retries: int | None = Field(None, ge=0, le=100)
+    max_retries: int | None = Field(None, ge=0, le=INT32_MAX)
     extract_image_size: bool = False
-    download_timeout: int | None = Field(None, gt=0, le=86_400)
+    download_timeout: int | None = Field(None, ge=0, le=86_400)
+    """0, as Go clients send an unset int, means the default."""
     request_headers: dict[str, str | int] = {}
     s3_bucket: str | None = None
     s3_region: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(data.get(k) == "" for k in _EMPTY_MEANS_ABSENT):
+            return {k: v for k, v in data.items() if not (k in _EMPTY_MEANS_ABSENT and v == "")}
+        return data
 
     @field_validator("aggr_id")
     @classmethod
@@ -169,14 +179,19 @@ class DownloadRequest(BaseModel):
                 "s3_bucket must be a valid S3 bucket name: 3-63 characters, lowercase letters, "
                 "digits, dots and hyphens, starting and ending with a letter or digit",
             )
-        if self.s3_region is not None and not (
-            len(self.s3_region) <= _REGION_MAX and _REGION.match(self.s3_region)
-        ):
+        if self.s3_region is not None and not is_region_name(self.s3_region):
             raise ValidationFailed(
                 "s3_region",
                 f"s3_region must be a region name like eu-west-1 (lowercase letters, digits "
-                f"and single hyphens, at most {_REGION_MAX} characters)",
+                f"and single hyphens, at most {REGION_MAX} characters)",
             )
+        if self.s3_bucket is not None:
+            try:  # the original's S3 user metadata; its keys and values become HTTP headers
+                user_metadata(self.extra)
+            except ValueError as exc:
+                raise ValidationFailed(
+                    "extra", f"extra cannot be the S3 object's user metadata: {exc}"
+                ) from None
         if self.callback_kind is None and self.s3_bucket is None:
             raise ValidationFailed(
                 "callback_url",

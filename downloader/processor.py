@@ -27,14 +27,14 @@ from downloader.backoff import download_retry_delay_s, should_retry_download
 from downloader.config import Config
 from downloader.errors import JobNotFound, PermanentError, StorageUnavailable, TransientError
 from downloader.fetch import FetchRequest, FetchResult, fetch
-from downloader.filestore import FileStore
+from downloader.filestore import open_store
 from downloader.heartbeat import publish_stats
 from downloader.jobs import ClaimedJob
 from downloader.log import get_logger
 from downloader.mime import MimePattern
 from downloader.netguard import NetworkPolicy
 from downloader.resilience import forever
-from downloader.s3store import S3Store
+from downloader.s3store import S3Store, user_metadata
 from downloader.storage import Finish, Storage
 from downloader.upkeep import Upkeep
 from downloader.vocabulary import DownloadOutcome, DownloadState
@@ -96,7 +96,7 @@ class Processor:
         self.cfg = config.processor
         self.storage = storage
         self.owner = instance
-        self.store = FileStore(self.cfg.storage_dir, self.cfg.download_url)
+        self.store = open_store(config, self.cfg.max_workers)
         self.s3 = S3Store(config.s3, self.cfg.max_workers) if config.s3.enabled else None
         self.policy = NetworkPolicy.from_config(config.security)
         self.stats = ProcessorStats()
@@ -178,6 +178,7 @@ class Processor:
             await self._session.close()
         if self.s3 is not None:
             self.s3.close()
+        self.store.close()
         log.info("processor stopped", instance=self.owner)
 
     async def _keep_leases(self) -> None:
@@ -382,15 +383,22 @@ class Processor:
 
     async def _store(self, job: ClaimedJob, tmp: Path, result: FetchResult) -> dict[str, str]:
         """Put a verified download where the job wants it: the job's S3 bucket, or the file
-        store. Returns the event data saying where; S3 errors keep the download's status."""
+        store. Returns the event data saying where; storage errors keep the download's status."""
         if not job.s3_bucket:
-            self.store.commit(tmp, job.id)
-            return {"download_url": self.store.url(job.id)}
+            try:
+                return {"download_url": await self.store.commit(tmp, job.id, result.mime_type)}
+            except (TransientError, PermanentError) as exc:
+                raise type(exc)(str(exc), result.response_code) from exc
         assert self.s3 is not None  # checked before the download
         key = self.s3.key(job.id)
+        try:
+            metadata = user_metadata(job.extra)
+        except ValueError as exc:  # checked at POST since; a job accepted before may hold it
+            log.warning("extra left out of the S3 metadata", job_id=job.id, reason=str(exc))
+            metadata = {}
         started = time.perf_counter()
         try:
-            await self.s3.upload(tmp, job.s3_bucket, job.s3_region, key, result.mime_type)
+            await self.s3.upload(tmp, job.s3_bucket, job.s3_region, key, result.mime_type, metadata)
         except (TransientError, PermanentError) as exc:
             raise type(exc)(str(exc), result.response_code) from exc
         finally:  # uploaded, failed or cancelled: the temp file has served

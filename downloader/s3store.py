@@ -9,6 +9,9 @@ created under a lock, one per region, and shared by every upload."""
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +33,12 @@ from botocore.exceptions import (
 from downloader.config import S3Config
 from downloader.errors import PermanentError, TransientError
 
-__all__ = ["S3Store", "classify_s3_error"]
+__all__ = ["METADATA_MAX_BYTES", "S3Store", "classify_s3_error", "user_metadata"]
+
+METADATA_MAX_BYTES = 2048
+"""S3's limit on user metadata: the UTF-8 bytes of every key and value, summed."""
+_HEADER_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
 
 # S3 error codes that mean "this bucket or these credentials will not take the object": retrying
 # cannot help. Any other 4xx is also permanent, except the throttling/timeout codes below.
@@ -62,9 +70,44 @@ class _Cancelled(Exception):
     """Raised from the progress callback to stop an upload whose job was cancelled."""
 
 
-def classify_s3_error(exc: BaseException, bucket: str) -> TransientError | PermanentError:
-    """Our error for a failed upload: transient (network, 5xx, throttling) or permanent (no
+def user_metadata(extra: str) -> dict[str, str]:
+    """The S3 user metadata of a job, from its `extra` as the original derives it: when `extra`
+    is a JSON object, its string values, and its numbers as integers (truncated toward zero, as
+    the original formats them); other values are left out. Not a JSON object: none.
+
+    Keys and values travel as `x-amz-meta-<key>: <value>` headers, so a key must be an HTTP
+    token and a value printable ASCII, and all of them fit S3's 2 KB; else ValueError."""
+    try:
+        doc = json.loads(extra) if extra else None
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    out: dict[str, str] = {}
+    for key, value in doc.items():
+        if isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[key] = str(value)
+        elif isinstance(value, float) and math.isfinite(value):
+            out[key] = str(int(value))
+    for key, value in out.items():
+        if not _HEADER_TOKEN.match(key):
+            raise ValueError(f"key {key!r} is not a valid HTTP header name")
+        if not _PRINTABLE_ASCII.match(value):
+            raise ValueError(f"the value of {key!r} is not printable ASCII")
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in out.items())
+    if size > METADATA_MAX_BYTES:
+        raise ValueError(f"it is {size} bytes, over S3's {METADATA_MAX_BYTES}")
+    return out
+
+
+def classify_s3_error(
+    exc: BaseException, bucket: str, action: str = "upload"
+) -> TransientError | PermanentError:
+    """Our error for a failed S3 request: transient (network, 5xx, throttling) or permanent (no
     such bucket, access denied, bad credentials, other 4xx). The sentence names the bucket."""
+    failed = f"S3 {action} failed"
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -72,23 +115,24 @@ def classify_s3_error(exc: BaseException, bucket: str) -> TransientError | Perma
         detail = err.get("Message") or code or f"HTTP {status}"
         if code in _PERMANENT_MESSAGES:
             return PermanentError(
-                f"S3 upload failed: {_PERMANENT_MESSAGES[code].format(bucket=bucket)} ({code})"
+                f"{failed}: {_PERMANENT_MESSAGES[code].format(bucket=bucket)} ({code})"
             )
-        message = f"S3 upload failed: bucket {bucket!r}: {detail} ({code or status})"
+        message = f"{failed}: bucket {bucket!r}: {detail} ({code or status})"
         if code in _RETRIABLE_CODES or status >= 500 or status in (408, 429) or status == 0:
             return TransientError(message)
         return PermanentError(message)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return PermanentError(f"S3 upload failed: no usable AWS credentials ({exc})")
+        return PermanentError(f"{failed}: no usable AWS credentials ({exc})")
     if isinstance(exc, ConnectionError | HTTPClientError):
-        return TransientError(f"S3 upload failed: {exc}")
+        return TransientError(f"{failed}: {exc}")
     if isinstance(exc, BotoCoreError):
-        return PermanentError(f"S3 upload failed: {exc}")
-    return TransientError(f"S3 upload failed: {type(exc).__name__}: {exc}")
+        return PermanentError(f"{failed}: {exc}")
+    return TransientError(f"{failed}: {type(exc).__name__}: {exc}")
 
 
 class S3Store:
-    """Uploads to `s3://<bucket>/<s3.key_prefix><job id>`; objects are never deleted by us."""
+    """Uploads to S3 with the `s3` section's endpoint, credentials and timeouts: a job's own
+    bucket at `<s3.key_prefix><job id>` (never deleted by us), or the file store's bucket."""
 
     def __init__(self, cfg: S3Config, max_uploads: int) -> None:
         self.cfg = cfg
@@ -130,15 +174,24 @@ class S3Store:
             return client
 
     async def upload(
-        self, path: Path, bucket: str, region: str, key: str, content_type: str
+        self,
+        path: Path,
+        bucket: str,
+        region: str,
+        key: str,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
     ) -> None:
-        """Upload `path` to `bucket`/`key`, overwriting: a job uploaded twice (its processor
-        died before recording) ends with the same object. Raises TransientError or
-        PermanentError; cancelling this stops the transfer at its next chunk."""
+        """Upload `path` to `bucket`/`key` with user `metadata`, overwriting: a job uploaded
+        twice (its processor died before recording) ends with the same object. Raises
+        TransientError or PermanentError; cancelling this stops the transfer at its next chunk."""
         cancelled = threading.Event()
         loop = asyncio.get_running_loop()
+        extra_args: dict[str, Any] = {"ContentType": content_type}
+        if metadata:
+            extra_args["Metadata"] = metadata
         future = loop.run_in_executor(
-            self._pool, self._upload, path, bucket, region, key, content_type, cancelled
+            self._pool, self._upload, path, bucket, region, key, extra_args, cancelled
         )
         try:
             await future
@@ -157,7 +210,7 @@ class S3Store:
         bucket: str,
         region: str,
         key: str,
-        content_type: str,
+        extra_args: dict[str, Any],
         cancelled: threading.Event,
     ) -> None:
         def progress(_bytes: int) -> None:
@@ -168,7 +221,7 @@ class S3Store:
             str(path),
             bucket,
             key,
-            ExtraArgs={"ContentType": content_type},
+            ExtraArgs=extra_args,
             Config=self._transfer,
             Callback=progress,
         )

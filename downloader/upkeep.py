@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 
 from downloader import metrics
 from downloader.config import ProcessorConfig
-from downloader.filestore import FileStore
+from downloader.errors import DownloaderError
+from downloader.filestore import Store
 from downloader.log import get_logger
 from downloader.storage import Storage
 
@@ -20,8 +21,9 @@ log = get_logger(__name__)
 
 Step = Callable[[], Awaitable[None]]
 
-REAP_RETRY_MS = 600_000
-"""A file the reaper could not delete (a disk error) is tried again this much later."""
+REAP_RETRY_MS = 60_000
+"""A file the reaper could not delete (a disk error, a bucket that refused) is tried again
+this much later; the others are deleted meanwhile."""
 
 
 class Upkeep:
@@ -29,7 +31,7 @@ class Upkeep:
         self,
         cfg: ProcessorConfig,
         storage: Storage,
-        store: FileStore,
+        store: Store,
         on_resume: Callable[[], Awaitable[None]],
     ) -> None:
         self.cfg = cfg
@@ -42,24 +44,38 @@ class Upkeep:
 
     def steps(self) -> list[tuple[str, Step]]:
         """The loops to run (each under `resilience.forever`)."""
-        return [("timer", self._timer_step), ("disk", self._disk_step), ("sweep", self._sweep)]
+        return [
+            ("timer", self._timer_step),
+            ("reap", self._reap_step),
+            ("disk", self._disk_step),
+            ("sweep", self._sweep),
+        ]
 
     def kick(self) -> None:
         """Something became due earlier than the timer thought (a retry was just scheduled)."""
         self._kick.set()
 
     async def _timer_step(self) -> None:
-        """Promote due retries, requeue expired leases, reap delivered files; sleep until due."""
+        """Promote due retries, requeue expired leases; sleep until the next is due."""
         _moved, next_retry_ms = await self.storage.promote_retries()
         while await self.storage.requeue_expired() > 0:
             pass
+        waits = [self.cfg.lease_ms / 2] + ([next_retry_ms] if next_retry_ms >= 0 else [])
+        self._kick.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), max(1, min(waits)) / 1000)
+
+    async def _reap_step(self) -> None:
+        """Delete the files whose callback was delivered `deletion_interval` ago; sleep until the
+        next is due. A loop of its own: a store slow to answer (an S3 bucket) holds up neither
+        retries nor requeues."""
         due, next_reap_ms = await self.storage.reap_due()
         for job_id in due:
             try:
                 await asyncio.to_thread(self.store.delete, job_id)
-            except OSError as exc:  # a disk error, not an outage: say which file, try later
+            except (OSError, DownloaderError) as exc:  # not an outage of ours: say which, go on
                 log.error(
-                    "could not delete a delivered file; trying again later",
+                    "could not delete a stored file; trying again later",
                     job_id=job_id,
                     error=str(exc),
                     retry_in_s=REAP_RETRY_MS // 1000,
@@ -67,10 +83,10 @@ class Upkeep:
                 await self.storage.reap_later(job_id, REAP_RETRY_MS)
                 continue
             await self.storage.reap_done(job_id)
-        waits = [self.cfg.lease_ms / 2] + [ms for ms in (next_retry_ms, next_reap_ms) if ms >= 0]
-        self._kick.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._kick.wait(), max(1, min(waits)) / 1000)
+        wait_ms = (
+            self.cfg.lease_ms / 2 if next_reap_ms < 0 else min(self.cfg.lease_ms / 2, next_reap_ms)
+        )
+        await asyncio.sleep(max(1, wait_ms) / 1000)
 
     async def _sweep(self) -> None:
         """Hourly: drop temp files of dead processors (older than any download may last)."""

@@ -161,7 +161,7 @@ INVALID_BODIES = [
     pytest.param(as_json(valid_body(colour="blue")), "colour", id="unknown-field"),
     pytest.param(as_json(valid_body(extra=5)), "extra", id="extra-int"),
     pytest.param(
-        as_json(valid_body(download_timeout=0)), "download_timeout", id="download_timeout-0"
+        as_json(valid_body(download_timeout=-1)), "download_timeout", id="download_timeout-neg"
     ),
     pytest.param(
         as_json(valid_body(download_timeout="60")), "download_timeout", id="download_timeout-str"
