@@ -223,7 +223,7 @@ class Proc:
 
 
 def chaos_config(redis_addr: str, workdir: Path) -> dict[str, Any]:
-    """Short leases and claim times so a killed process's work comes back within a second."""
+    """Short leases and liveness lapses so a killed process's work comes back within 1-2 s."""
     return {
         "redis": {"addr": redis_addr},
         "api": {"heartbeat_path": str(workdir / "hb-off")},
@@ -241,7 +241,8 @@ def chaos_config(redis_addr: str, workdir: Path) -> dict[str, Any]:
             "stats_interval": 200,
             "deletion_interval": 0.005,
             "retry_schedule_seconds": [0.05, 0.1, 0.2, 0.5, 1],
-            "claim_idle_ms": 1000,
+            "heartbeat_ms": 250,
+            "dead_after_ms": 1500,
             "shutdown_grace_seconds": 2,
         },
         "backends": {"http": {"timeout": 2}},

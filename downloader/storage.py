@@ -86,6 +86,10 @@ class Keys:
     def stats(self, role: str, instance: str) -> str:
         return self._k(f"stats:{role}:{instance}")
 
+    def alive(self, role: str, instance: str) -> str:
+        """Exists while the instance's heartbeat is fresh (a TTL key; notifiers only)."""
+        return self._k(f"alive:{role}:{instance}")
+
     @property
     def events(self) -> str:
         return self._k("events")
@@ -143,6 +147,16 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Takeover:
+    """What callback_takeover.lua did with one gone notifier: the entries it moved (entry id,
+    job id) and whether the consumer, left with none, was deleted from the group."""
+
+    consumer: str
+    deleted: bool
+    entries: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
 class Finish:
     """What finish.lua did: whether the outcome was recorded (False: the lease was lost), and
     the next job of the aggregation if the freed slot was handed on to it."""
@@ -176,6 +190,7 @@ class Storage:
         "callback_skip",
         "promote_callbacks",
         "callback_requeue",
+        "callback_takeover",
         "reap",
         "rebuild",
         "export_commit",
@@ -446,6 +461,39 @@ class Storage:
         )
         entries = res[1]  # 6.2 answers 2 elements, 7.x 3: the entries are second in both
         return [(eid, f["job_id"]) for eid, f in entries if f]
+
+    async def take_over_callbacks(self, consumer: str, count: int) -> list[Takeover]:
+        """Move up to `count` pending entries of gone notifiers (no liveness key) to `consumer`;
+        delete the gone ones left with none."""
+        rows = await self._run("callback_takeover", consumer, CALLBACK_GROUP, count)
+        return [
+            Takeover(
+                str(row[0]),
+                bool(int(row[1])),
+                [(str(row[i]), str(row[i + 1])) for i in range(2, len(row), 2)],
+            )
+            for row in rows
+        ]
+
+    async def own_pending_callbacks(
+        self, consumer: str, after: str, count: int
+    ) -> list[tuple[str, str]]:
+        """Entries read by `consumer` and not settled, after entry id `after`: [(entry id, job
+        id)]; job id '' for an entry no longer in the stream."""
+        res = await self.r.xreadgroup(
+            CALLBACK_GROUP, consumer, {self.keys.callbacks: after}, count=count
+        )
+        return [
+            (eid, (f or {}).get("job_id", "")) for _s, entries in res or [] for eid, f in entries
+        ]
+
+    async def beat(self, role: str, instance: str, ttl_ms: int) -> None:
+        """The instance is alive for `ttl_ms` more."""
+        await self.r.set(self.keys.alive(role, instance), "1", px=ttl_ms)
+
+    async def forget(self, role: str, instance: str) -> None:
+        """The instance stopped: others need not wait for its heartbeat to lapse."""
+        await self.r.delete(self.keys.alive(role, instance))
 
     async def callback_begin(self, job_id: str) -> dict[str, str]:
         """Start a delivery attempt: the fields a callback needs, or {} if nothing to deliver."""
