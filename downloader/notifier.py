@@ -93,8 +93,10 @@ class Notifier:
             await backend.start()
         if self.exporter is not None:
             await self.exporter.start()
+        # beats on through the shutdown grace (cancelled after it): the deliveries finishing
+        # then must not be taken over
         heartbeat = asyncio.create_task(
-            forever("heartbeat", self.liveness.step, lambda: self._stopping), name="heartbeat"
+            forever("heartbeat", self.liveness.step, lambda: False), name="heartbeat"
         )
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("consume", self._consume_step),
