@@ -589,12 +589,7 @@ async def notifier_recovery(
             with contextlib.suppress(TimeoutError):
                 await receiver.wait(lambda: len(receiver.delivered_at) == callbacks, timeout_s)
             times = sorted(t - killed_at for t in receiver.delivered_at.values())
-            states: Counter[str] = Counter()
-            host, _, port = redis_addr.rpartition(":")
-            keys = Keys("dl")
-            async with aioredis.Redis(host=host, port=int(port), decode_responses=True) as r:
-                for job_id in ids:
-                    states[str(await r.hget(keys.job(job_id), "callback_state"))] += 1
+            states = await _callback_states(redis_addr, ids)
         return RecoveryResult(
             callbacks=callbacks,
             delivered=len(times),
@@ -610,6 +605,20 @@ async def notifier_recovery(
             p.stop()
         await receiver.close()
         await origin.close()
+
+
+async def _callback_states(redis_addr: str, ids: list[str]) -> Counter[str]:
+    """The jobs' callback_state once all are recorded (the receiver sees a callback a moment
+    before the notifier records it), or as they are after 10 s."""
+    host, _, port = redis_addr.rpartition(":")
+    keys = Keys("dl")
+    async with aioredis.Redis(host=host, port=int(port), decode_responses=True) as r:
+        for _ in range(100):  # bounded: ~10 s
+            states = Counter([str(await r.hget(keys.job(j), "callback_state")) for j in ids])
+            if set(states) <= {"Success", "Failed"}:
+                break
+            await asyncio.sleep(0.1)
+    return states
 
 
 def _write_config(path: Path, raw: dict[str, Any]) -> Path:
