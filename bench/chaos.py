@@ -20,6 +20,14 @@ leaves the callback to another), time to drain.
 
 prints the figures and writes them to bench/results/chaos.json. tests/test_chaos.py runs the
 same scenario, smaller (300 jobs, 10 kills).
+
+    .venv/bin/python bench/chaos.py --notifier-recovery [--callbacks 10]
+
+measures one thing instead: how long the callbacks of a SIGKILLed notifier wait. One api, one
+processor and one notifier run with the default notifier timers; the receiver holds the first
+callback of each of N jobs (the notifier is mid-delivery), the notifier is SIGKILLed and a new
+one started at once; reported: the time from the kill until every held callback was delivered
+again (and until the first). Written to bench/results/notifier_recovery.json.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "chaos.json"
+RECOVERY_RESULTS = ROOT / "bench" / "results" / "notifier_recovery.json"
 if str(ROOT) not in sys.path:  # `python bench/chaos.py` puts bench/ first; the service is in ROOT
     sys.path.insert(0, str(ROOT))
 
@@ -53,7 +62,7 @@ import redis.asyncio as aioredis  # noqa: E402
 
 from downloader.embedded import EmbeddedRedis  # noqa: E402
 from downloader.storage import Keys  # noqa: E402
-from tests.servers import free_port  # noqa: E402
+from tests.servers import HoldingReceiver, free_port  # noqa: E402
 
 FINAL_DOWNLOAD_EVENTS = ("download.succeeded", "download.failed", "job.aborted")
 ROLES = {"api": 2, "processor": 3, "notifier": 2}
@@ -214,7 +223,7 @@ class Proc:
 
 
 def chaos_config(redis_addr: str, workdir: Path) -> dict[str, Any]:
-    """Short leases and claim times so a killed process's work comes back within a second."""
+    """Short leases and liveness lapses so a killed process's work comes back within 1-2 s."""
     return {
         "redis": {"addr": redis_addr},
         "api": {"heartbeat_path": str(workdir / "hb-off")},
@@ -232,7 +241,8 @@ def chaos_config(redis_addr: str, workdir: Path) -> dict[str, Any]:
             "stats_interval": 200,
             "deletion_interval": 0.005,
             "retry_schedule_seconds": [0.05, 0.1, 0.2, 0.5, 1],
-            "claim_idle_ms": 1000,
+            "heartbeat_ms": 250,
+            "dead_after_ms": 1500,
             "shutdown_grace_seconds": 2,
         },
         "backends": {"http": {"timeout": 2}},
@@ -507,6 +517,159 @@ async def _bench(spec: ChaosSpec) -> ChaosResult:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# -- notifier recovery ---------------------------------------------------------------------------
+
+
+@dataclass
+class RecoveryResult:
+    """How long the callbacks a SIGKILLed notifier was delivering waited for another one."""
+
+    callbacks: int
+    delivered: int  # must equal callbacks
+    first_s: float | None  # from the SIGKILL to the first held callback delivered again
+    all_s: float | None  # to the last one; None: not within timeout_s
+    restart_s: float  # from the SIGKILL until the new notifier process was started
+    timeout_s: float
+    callback_states: dict[str, int]
+    notifier_config: dict[str, Any]
+
+
+def recovery_config(redis_addr: str, workdir: Path) -> dict[str, Any]:
+    """The notifier keeps its defaults (the timers under test); the rest is made quick."""
+    return {
+        "redis": {"addr": redis_addr},
+        "api": {"heartbeat_path": str(workdir / "hb-off")},
+        "processor": {
+            "storage_dir": str(workdir / "files"),
+            "download_url": "http://files.test/dl",
+            "stats_interval": 200,
+        },
+        "notifier": {"deletion_interval": 0.005},
+        "backends": {"http": {"timeout": 300}},  # a held callback must not time out first
+        "security": {"allow_private_networks": True},
+        "log": {"level": "warning"},
+    }
+
+
+async def notifier_recovery(
+    redis_addr: str, workdir: Path, callbacks: int = 10, timeout_s: float = 300.0
+) -> RecoveryResult:
+    """SIGKILL a notifier holding `callbacks` callbacks in flight, start a new one, and time
+    the redelivery of every held callback."""
+    raw = recovery_config(redis_addr, workdir)
+    config = _write_config(workdir / "recovery-config.json", raw)
+    origin = Peers(0.0, 0.0, 1)
+    receiver = HoldingReceiver()
+    await origin.start()
+    await receiver.start()
+    api, processor = Proc("api", 0, config, workdir), Proc("processor", 0, config, workdir)
+    first, second = Proc("notifier", 0, config, workdir), Proc("notifier", 1, config, workdir)
+    procs = [api, processor, first, second]
+    try:
+        for p in (api, processor, first):
+            p.start()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            await _wait_api(http, api)
+            ids = []
+            for i in range(callbacks):
+                body = {
+                    "aggr_id": "recovery",
+                    "aggr_limit": callbacks,
+                    "url": origin.url(f"/origin/ok/job{i}"),
+                    "callback_url": receiver.url("/cb"),
+                }
+                async with http.post(f"http://127.0.0.1:{api.port}/download", json=body) as r:
+                    assert r.status == 201, await r.text()
+                    ids.append(str((await r.json())["id"]))
+            await receiver.wait(lambda: len(receiver.held) == callbacks, timeout_s=60)
+            killed_at = time.monotonic()
+            first.kill()
+            second.start()
+            restart_s = time.monotonic() - killed_at
+            with contextlib.suppress(TimeoutError):
+                await receiver.wait(lambda: len(receiver.delivered_at) == callbacks, timeout_s)
+            times = sorted(t - killed_at for t in receiver.delivered_at.values())
+            states = await _callback_states(redis_addr, ids)
+        return RecoveryResult(
+            callbacks=callbacks,
+            delivered=len(times),
+            first_s=round(times[0], 2) if times else None,
+            all_s=round(times[-1], 2) if len(times) == callbacks else None,
+            restart_s=round(restart_s, 3),
+            timeout_s=timeout_s,
+            callback_states=dict(states),
+            notifier_config=raw["notifier"],
+        )
+    finally:
+        for p in procs:
+            p.stop()
+        await receiver.close()
+        await origin.close()
+
+
+async def _callback_states(redis_addr: str, ids: list[str]) -> Counter[str]:
+    """The jobs' callback_state once all are recorded (the receiver sees a callback a moment
+    before the notifier records it), or as they are after 10 s."""
+    host, _, port = redis_addr.rpartition(":")
+    keys = Keys("dl")
+    async with aioredis.Redis(host=host, port=int(port), decode_responses=True) as r:
+        for _ in range(100):  # bounded: ~10 s
+            states = Counter([str(await r.hget(keys.job(j), "callback_state")) for j in ids])
+            if set(states) <= {"Success", "Failed"}:
+                break
+            await asyncio.sleep(0.1)
+    return states
+
+
+def _write_config(path: Path, raw: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+async def _wait_api(http: aiohttp.ClientSession, api: Proc, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with http.get(f"http://127.0.0.1:{api.port}/hb") as r:
+                if r.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the api did not come up:\n{api.log_tail()}")
+        await asyncio.sleep(0.1)
+
+
+def recovery_summary(result: RecoveryResult) -> str:
+    done = "NOT all" if result.all_s is None else f"all {result.callbacks} in {result.all_s} s"
+    return (
+        f"notifier recovery: {result.delivered}/{result.callbacks} held callbacks delivered again "
+        f"after the SIGKILL; first in {result.first_s} s, {done} "
+        f"(new notifier started {result.restart_s} s after the kill); "
+        f"callback_state {result.callback_states}"
+    )
+
+
+async def _bench_recovery(callbacks: int, timeout_s: float) -> RecoveryResult:
+    tmp = Path(tempfile.mkdtemp(prefix="dl-bench-recovery-"))
+    redis = EmbeddedRedis(tmp / "redis", "127.0.0.1", free_port())
+    redis.start()
+    try:
+        return await notifier_recovery(redis.addr, tmp / "service", callbacks, timeout_s)
+    finally:
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(path: Path, spec: dict[str, Any], result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    meta = {"commit": commit or "unknown", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.write_text(json.dumps({**meta, "spec": spec, **result}, indent=2) + "\n")
+    print(f"written to {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -515,8 +678,21 @@ def main() -> int:
     parser.add_argument("--min-kills", type=int, default=20)
     parser.add_argument("--submit-seconds", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--notifier-recovery",
+        action="store_true",
+        help="only time the redelivery of a SIGKILLed notifier's callbacks",
+    )
+    parser.add_argument("--callbacks", type=int, default=10, help="with --notifier-recovery")
+    parser.add_argument("--timeout", type=float, default=300.0, help="with --notifier-recovery")
     args = parser.parse_args()
+    if args.notifier_recovery:
+        recovery = asyncio.run(_bench_recovery(args.callbacks, args.timeout))
+        print(recovery_summary(recovery))
+        spec_r = {"callbacks": args.callbacks, "timeout_s": args.timeout}
+        _write(args.output or RECOVERY_RESULTS, spec_r, asdict(recovery))
+        return 0 if recovery.all_s is not None else 1
     spec = ChaosSpec(
         jobs=args.jobs,
         aggregations=args.aggregations,
@@ -529,15 +705,7 @@ def main() -> int:
     print(summary(result))
     for line in result.lost_examples + result.problems:
         print("  ", line)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    meta = {"commit": commit or "unknown", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    args.output.write_text(
-        json.dumps({**meta, "spec": asdict(spec), **asdict(result)}, indent=2) + "\n"
-    )
-    print(f"written to {args.output}")
+    _write(args.output or RESULTS, asdict(spec), asdict(result))
     return 0 if result.lost == 0 and not result.problems else 1
 
 

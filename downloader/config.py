@@ -9,7 +9,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from downloader.errors import ConfigError
 
@@ -227,10 +235,28 @@ class NotifierConfig(_Section):
     stats_interval: int = Field(5000, gt=0, description="milliseconds")
     deletion_interval: float = Field(60.0, ge=0, description="minutes")
     retry_schedule_seconds: list[float] = [10.0, 60.0, 300.0, 1800.0]
-    claim_idle_ms: int = Field(120_000, ge=100)
+    heartbeat_ms: int = Field(1000, ge=10, description="how often a notifier says it is alive")
+    dead_after_ms: int = Field(
+        5000,
+        ge=20,
+        validate_default=True,
+        description="a notifier silent this long is gone: its callbacks move on",
+    )
+    claim_idle_ms: int | None = Field(
+        None, ge=100, description="deprecated, ignored: dead_after_ms decides when callbacks move"
+    )
     metrics_port: int = Field(0, ge=0, le=65535)
     signing_secret: str | None = None
     shutdown_grace_seconds: float = Field(10.0, ge=0)
+
+    @field_validator("dead_after_ms")
+    @classmethod
+    def _lapse_spans_beats(cls, v: int, info: ValidationInfo) -> int:
+        # one late beat must not make a live notifier look dead
+        beat = info.data.get("heartbeat_ms")
+        if beat is not None and v < 2 * beat:
+            raise ValueError(f"must be at least twice notifier.heartbeat_ms ({beat})")
+        return v
 
     @field_validator("retry_schedule_seconds")
     @classmethod

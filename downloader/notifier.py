@@ -1,5 +1,10 @@
 """The notifier: delivers callbacks from the callbacks stream (a consumer group), retries them
-on the configured schedule, and reclaims what a dead notifier left unsettled (at least once)."""
+on the configured schedule, and takes over what a gone notifier left unsettled (at least once).
+
+Each notifier is a consumer of the group named by its instance id and keeps a liveness key
+(heartbeat.Liveness). Every `heartbeat_ms` each one takes over the pending entries of consumers
+whose key is missing (callback_takeover.lua); the entries of a live notifier, however slow its
+receivers, are never taken."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from downloader.backoff import callback_retry_delay_s
 from downloader.config import Config
 from downloader.errors import StorageUnavailable
 from downloader.exporter import EventExporter
-from downloader.heartbeat import publish_stats
+from downloader.heartbeat import Liveness, publish_stats
 from downloader.jobs import CallbackJob
 from downloader.log import get_logger
 from downloader.resilience import forever
@@ -65,8 +70,18 @@ class Notifier:
         self.retried = 0
         self._slots = asyncio.Semaphore(self.cfg.concurrency)
         self._inflight: dict[str, asyncio.Task[None]] = {}  # stream entry id -> delivery
+        self._held: set[str] = set()  # entry ids read or taken over, not yet settled or given up
+        self._orphaned = False  # a delivery ended without settling its entry (Redis error)
         self._timer_kick = asyncio.Event()
         self._stopping = False
+        self.liveness = Liveness(
+            storage, "notifier", instance, self.cfg.heartbeat_ms, self.cfg.dead_after_ms
+        )
+        if self.cfg.claim_idle_ms is not None:
+            log.warning(
+                "notifier.claim_idle_ms is deprecated and ignored: a gone notifier's callbacks "
+                "move on after notifier.dead_after_ms"
+            )
 
     def stats(self) -> dict[str, int]:
         return {
@@ -81,9 +96,14 @@ class Notifier:
             await backend.start()
         if self.exporter is not None:
             await self.exporter.start()
+        # beats on through the shutdown grace (cancelled after it): the deliveries finishing
+        # then must not be taken over
+        heartbeat = asyncio.create_task(
+            forever("heartbeat", self.liveness.step, lambda: False), name="heartbeat"
+        )
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("consume", self._consume_step),
-            ("reclaim", self._reclaim_step),
+            ("takeover", self._takeover_step),
             ("timer", self._timer_step),
             (
                 "stats",
@@ -108,13 +128,19 @@ class Notifier:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             if self._inflight:
-                # Unfinished entries stay pending in the group: another notifier reclaims them.
+                # Still beating: the deliveries finishing within the grace stay ours.
                 _done, pending = await asyncio.wait(
                     self._inflight.values(), timeout=self.cfg.shutdown_grace_seconds
                 )
                 for t in pending:
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            # What is left unsettled stays pending in the group; without our liveness key the
+            # other notifiers take it over at their next beat.
+            with contextlib.suppress(StorageUnavailable):
+                await self.liveness.stop()
             for backend in self.backends.values():
                 await backend.close(self.cfg.shutdown_grace_seconds)
             if self.exporter is not None:
@@ -123,6 +149,7 @@ class Notifier:
 
     async def _consume_step(self) -> None:
         await self.storage.ensure_callback_group()
+        await self.liveness.started.wait()  # a consumer without a liveness key looks gone
         while not self._stopping:
             await self._slots.acquire()  # wait for room before taking entries off the stream
             self._slots.release()
@@ -130,14 +157,37 @@ class Notifier:
             for entry_id, job_id in await self.storage.read_callbacks(self.consumer, room, 2000):
                 await self._spawn(entry_id, job_id)
 
-    async def _reclaim_step(self) -> None:
-        await asyncio.sleep(self.cfg.claim_idle_ms / 2000)
-        for entry_id, job_id in await self.storage.reclaim_callbacks(
-            self.consumer, self.cfg.claim_idle_ms, self.cfg.concurrency
-        ):
-            if entry_id not in self._inflight:
-                log.info("reclaimed a callback left by another notifier", job_id=job_id)
+    async def _takeover_step(self) -> None:
+        """Every heartbeat: take over the entries of gone notifiers (as many as there is room
+        for), and deliver again our own entries that a Redis error left unsettled."""
+        await asyncio.sleep(self.cfg.heartbeat_ms / 1000)
+        if self._orphaned:
+            await self._adopt_orphans()
+        if not self.liveness.may_judge_others():
+            return
+        room = max(0, self.cfg.concurrency - len(self._held))
+        for gone in await self.storage.take_over_callbacks(self.consumer, room):
+            if gone.entries:
+                log.info(
+                    "took over callbacks of a gone notifier",
+                    notifier=gone.consumer,
+                    callbacks=len(gone.entries),
+                )
+            for entry_id, job_id in gone.entries:
                 await self._spawn(entry_id, job_id)
+
+    async def _adopt_orphans(self) -> None:
+        """Spawn a delivery for each entry of ours that no delivery holds."""
+        self._orphaned = False
+        try:
+            after = "0-0"
+            while rows := await self.storage.own_pending_callbacks(self.consumer, after, 100):
+                for entry_id, job_id in rows:
+                    await self._spawn(entry_id, job_id)
+                after = rows[-1][0]
+        except BaseException:
+            self._orphaned = True
+            raise
 
     async def _timer_step(self) -> None:
         _moved, next_ms = await self.storage.promote_callbacks()
@@ -147,23 +197,35 @@ class Notifier:
             await asyncio.wait_for(self._timer_kick.wait(), wait_ms / 1000)
 
     async def _spawn(self, entry_id: str, job_id: str) -> None:
-        await self._slots.acquire()
+        if entry_id in self._held:  # read and found again as an orphan: one delivery
+            return
+        self._held.add(entry_id)
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self._held.discard(entry_id)
+            raise
         task = asyncio.create_task(self._deliver(entry_id, job_id), name=f"callback:{job_id}")
         self._inflight[entry_id] = task
 
         def done(_t: asyncio.Task[None]) -> None:
             self._inflight.pop(entry_id, None)
+            self._held.discard(entry_id)
             self._slots.release()
 
         task.add_done_callback(done)
 
     async def _deliver(self, entry_id: str, job_id: str) -> None:
         try:
+            if not job_id:  # the entry is gone from the stream
+                await self.storage.callback_skip(entry_id)
+                return
             await self._attempt(entry_id, job_id)
         except StorageUnavailable as exc:
-            # The entry stays pending; reclaim picks it up once Redis is back.
+            # The entry stays pending with us; the takeover loop delivers it again.
+            self._orphaned = True
             log.warning(
-                "redis down during a callback; it will be reclaimed", job_id=job_id, error=str(exc)
+                "redis down during a callback; it will be retried", job_id=job_id, error=str(exc)
             )
 
     async def _attempt(self, entry_id: str, job_id: str) -> None:
@@ -189,26 +251,29 @@ class Notifier:
         delay_s = None
         if result.delivered:
             outcome, delay_ms = CallbackOutcome.DELIVERED, int(self.cfg.deletion_interval * 60_000)
-            self.successful += 1
         else:
             if not result.permanent:
                 delay_s = callback_retry_delay_s(attempt, self.cfg.retry_schedule_seconds)
             data["delivery_error"] = result.error
             if delay_s is None:
                 outcome, delay_ms = CallbackOutcome.FAILED, 0
-                self.failed += 1
             else:
                 outcome, delay_ms = CallbackOutcome.RETRY, int(delay_s * 1000)
                 data["retry_in_ms"] = delay_ms
-                self.retried += 1
         metrics.CALLBACKS.labels(job.callback_type, outcome).inc()
-        await self.storage.callback_end(job_id, outcome, data, entry_id, delay_ms)
-        if outcome is CallbackOutcome.RETRY:
-            self._timer_kick.set()
+        if not await self.storage.callback_end(job_id, outcome, data, entry_id, delay_ms):
+            # another notifier took this entry over (ours was thought gone) and recorded a
+            # later attempt: its result stands
+            log.info("callback attempt overtaken by another notifier", job_id=job_id)
+            return
         ids = {"job_id": job.id, "aggr_id": job.aggr_id, "attempt": attempt}
         if outcome is CallbackOutcome.DELIVERED:
+            self.successful += 1
             log.info("callback delivered", **ids, callback_type=job.callback_type)
         elif outcome is CallbackOutcome.RETRY:
+            self.retried += 1
+            self._timer_kick.set()
             log.info("callback retry scheduled", **ids, error=result.error, retry_in_ms=delay_ms)
         else:
+            self.failed += 1
             log.info("callback failed", **ids, error=result.error)

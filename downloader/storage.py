@@ -36,7 +36,7 @@ from downloader.jobs import CallbackJob, ClaimedJob, Job
 from downloader.redact import url_without_password
 from downloader.vocabulary import CallbackOutcome, DownloadOutcome, EventType
 
-__all__ = ["CALLBACK_GROUP", "Claim", "Finish", "Keys", "Storage", "connect"]
+__all__ = ["CALLBACK_GROUP", "Claim", "Finish", "Keys", "Storage", "Takeover", "connect"]
 
 CALLBACK_GROUP = "notifiers"
 
@@ -102,6 +102,10 @@ class Keys:
     def stats(self, role: str, instance: str) -> str:
         return self._k(f"stats:{role}:{instance}")
 
+    def alive(self, role: str, instance: str) -> str:
+        """Exists while the instance's heartbeat is fresh (a TTL key; notifiers only)."""
+        return self._k(f"alive:{role}:{instance}")
+
     @property
     def events(self) -> str:
         return self._k("events")
@@ -163,6 +167,16 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Takeover:
+    """What callback_takeover.lua did with one gone notifier: the entries it moved (entry id,
+    job id) and whether the consumer, left with none, was deleted from the group."""
+
+    consumer: str
+    deleted: bool
+    entries: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
 class Finish:
     """What finish.lua did: whether the outcome was recorded (False: the lease was lost), and
     the next job of the aggregation if the freed slot was handed on to it."""
@@ -198,6 +212,7 @@ class Storage:
         "callback_skip",
         "promote_callbacks",
         "callback_requeue",
+        "callback_takeover",
         "reap",
         "rebuild",
         "export_commit",
@@ -479,15 +494,38 @@ class Storage:
         )
         return [(eid, f["job_id"]) for _s, entries in res or [] for eid, f in entries]
 
-    async def reclaim_callbacks(
-        self, consumer: str, min_idle_ms: int, count: int
+    async def take_over_callbacks(self, consumer: str, count: int) -> list[Takeover]:
+        """Move up to `count` pending entries of gone notifiers (no liveness key) to `consumer`;
+        delete the gone ones left with none."""
+        rows = await self._run("callback_takeover", consumer, CALLBACK_GROUP, count)
+        return [
+            Takeover(
+                str(row[0]),
+                bool(int(row[1])),
+                [(str(row[i]), str(row[i + 1])) for i in range(2, len(row), 2)],
+            )
+            for row in rows
+        ]
+
+    async def own_pending_callbacks(
+        self, consumer: str, after: str, count: int
     ) -> list[tuple[str, str]]:
-        """Entries another consumer took and did not settle within min_idle_ms (it died)."""
-        res = await self.r.xautoclaim(
-            self.keys.callbacks, CALLBACK_GROUP, consumer, min_idle_ms, "0-0", count=count
+        """Entries read by `consumer` and not settled, after entry id `after`: [(entry id, job
+        id)]; job id '' for an entry no longer in the stream."""
+        res = await self.r.xreadgroup(
+            CALLBACK_GROUP, consumer, {self.keys.callbacks: after}, count=count
         )
-        entries = res[1]  # 6.2 answers 2 elements, 7.x 3: the entries are second in both
-        return [(eid, f["job_id"]) for eid, f in entries if f]
+        return [
+            (eid, (f or {}).get("job_id", "")) for _s, entries in res or [] for eid, f in entries
+        ]
+
+    async def beat(self, role: str, instance: str, ttl_ms: int) -> None:
+        """The instance is alive for `ttl_ms` more."""
+        await self.r.set(self.keys.alive(role, instance), "1", px=ttl_ms)
+
+    async def forget(self, role: str, instance: str) -> None:
+        """The instance stopped: others need not wait for its heartbeat to lapse."""
+        await self.r.delete(self.keys.alive(role, instance))
 
     async def callback_begin(self, job_id: str) -> CallbackJob | None:
         """Start a delivery attempt: what the callback needs, or None if there is nothing to

@@ -75,7 +75,6 @@ def fast_settings(redis_addr: str, tmp: Path) -> dict[str, Any]:
             "stats_interval": 100,
             "deletion_interval": 0.005,
             "retry_schedule_seconds": [0.01, 0.02],
-            "claim_idle_ms": 1000,
             "shutdown_grace_seconds": 2,
         },
         "backends": {"http": {"timeout": 2}},

@@ -7,7 +7,7 @@ import asyncio
 import json
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +169,49 @@ class CallbackReceiver(_Server):
     async def wait_total(self, count: int, timeout: float = 30.0) -> None:
         async with asyncio.timeout(timeout), self._arrived:
             await self._arrived.wait_for(lambda: len(self.received) >= count)
+
+
+class HoldingReceiver(_Server):
+    """A callback receiver that holds the first callback of each job until `release`, and
+    answers 200 at once to every later one (those count as delivered, at `delivered_at`:
+    time.monotonic() of the first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.held: Counter[str] = Counter()
+        self.delivered: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.delivered_at: dict[str, float] = {}
+        self._changed = asyncio.Condition()
+
+    async def start(self) -> HoldingReceiver:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        await self._start(app)
+        return self
+
+    async def close(self) -> None:
+        self.release.set()
+        await super().close()
+
+    async def wait(self, predicate: Callable[[], bool], timeout_s: float = 10) -> None:
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        payload = json.loads(await request.read())
+        job_id = payload["job_id"]
+        async with self._changed:
+            first = job_id not in self.held
+            if first:
+                self.held[job_id] += 1
+            else:
+                self.delivered[job_id].append(payload)
+                self.delivered_at.setdefault(job_id, time.monotonic())
+            self._changed.notify_all()
+        if first:
+            await self.release.wait()
+        return web.Response(status=200)
 
 
 class ForwardProxy(_Server):

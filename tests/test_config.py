@@ -36,6 +36,7 @@ def test_repository_config_is_valid() -> None:
         ({"notifier": {"retry_schedule_seconds": [1, -1]}}, "notifier.retry_schedule_seconds"),
         ({"security": {"allowed_networks": ["10.0.0.0/33"]}}, "security.allowed_networks"),
         ({"notifier": {"signing_secret": "plain"}}, "notifier.signing_secret"),
+        ({"notifier": {"heartbeat_ms": 3000}}, "notifier.dead_after_ms"),
         ({"log": {"format": "xml"}}, "log.format"),
         ({"api": {"port": 70000}}, "api.port"),
         ({"s3": {"allowed_buckets": ["Not_A_Bucket"]}}, "s3.allowed_buckets"),
@@ -50,6 +51,13 @@ def test_invalid_values_name_the_key(tmp_path: Path, data: object, key: str) -> 
     """An invalid file raises ConfigError whose message names the key."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(write(tmp_path, data), environ={})
+
+
+def test_a_config_with_the_deprecated_claim_idle_ms_still_loads(tmp_path: Path) -> None:
+    """notifier.claim_idle_ms (replaced by dead_after_ms) is accepted, so old files still load."""
+    config = load_config(write(tmp_path, {"notifier": {"claim_idle_ms": 120000}}), environ={})
+    assert config.notifier.claim_idle_ms == 120000
+    assert config.notifier.dead_after_ms == 5000
 
 
 def test_environment_overrides_keys(tmp_path: Path) -> None:

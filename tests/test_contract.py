@@ -95,15 +95,17 @@ async def test_every_lua_key_has_a_python_twin_spelled_the_same(
     """Each KEY.* of prelude.lua is a storage.Keys member building the very same name (run in
     a real Redis, with the template storage.py passes)."""
     prelude = (SCRIPTS / "prelude.lua").read_text()
-    functions = re.findall(r"^function KEY\.(\w+)\(", prelude, re.M)
+    functions = re.findall(r"^function KEY\.(\w+)\(([^)]*)\)", prelude, re.M)
     constants = re.findall(r"^KEY\.(\w+) = ", prelude, re.M)
     assert functions and constants
     keys = Keys("dl")
-    probe = "Ab9"
-    lua_calls = [f"KEY.{n}('{probe}')" for n in functions] + [f"KEY.{n}" for n in constants]
+    calls = [
+        (name, [f"Ab{i}" for i, _ in enumerate(params.split(","))]) for name, params in functions
+    ]
+    lua_calls = [f"KEY.{n}({', '.join(repr(a) for a in args)})" for n, args in calls]
+    lua_calls += [f"KEY.{n}" for n in constants]
     script = prelude + "\nreturn {" + ", ".join(lua_calls) + "}"
     lua_names: list[Any] = await redis_client.eval(script, 0, keys.template, "{}")
-    python_names = [getattr(keys, n)(probe) for n in functions] + [
-        getattr(keys, n) for n in constants
-    ]
+    python_names = [getattr(keys, n)(*args) for n, args in calls]
+    python_names += [getattr(keys, n) for n in constants]
     assert lua_names == python_names

@@ -34,7 +34,6 @@ JOB_ID = "Bq3NwYf0ZpJ8xT"
 # -- reading the files ---------------------------------------------------------------------------
 
 
-
 def tool(name: str) -> str | None:
     """A checker on PATH (nginx, systemd-analyze, systemd-sysusers). A developer's machine may
     lack one and the static checks still run; under CI (.ci/run installs them) a missing one
@@ -43,6 +42,7 @@ def tool(name: str) -> str | None:
     if path is None and os.environ.get("CI"):
         pytest.fail(f"{name} is not installed; .ci/run installs it")
     return path
+
 
 def compose() -> dict[str, Any]:
     data = yaml.safe_load((OPS / "docker-compose.yml").read_text())

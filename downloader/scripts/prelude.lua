@@ -17,6 +17,7 @@ function KEY.aggr(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}') end
 function KEY.ready(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:ready') end
 function KEY.inflight(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:inflight') end
 function KEY.idempotency(k) return string.format(TEMPLATE, 'idem:{' .. k .. '}') end
+function KEY.alive(role, inst) return string.format(TEMPLATE, 'alive:' .. role .. ':' .. inst) end
 KEY.events = string.format(TEMPLATE, 'events')
 KEY.aggregations = string.format(TEMPLATE, 'aggregations')
 KEY.wake = string.format(TEMPLATE, 'wake')

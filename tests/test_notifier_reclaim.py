@@ -1,0 +1,393 @@
+"""A gone notifier's callbacks move on once its liveness key lapses; a live one's never do: the
+takeover script, the fenced callback_end, and real notifier processes killed or stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from downloader.config import Config
+from downloader.embedded import EmbeddedRedis
+from downloader.models import parse_download_request
+from downloader.storage import CALLBACK_GROUP, Keys, Storage, connect
+from downloader.vocabulary import CallbackOutcome, DownloadOutcome
+from tests.conftest import Proc
+from tests.servers import (
+    CallbackReceiver,
+    FileServer,
+    HoldingReceiver,
+    TcpRelay,
+    free_port,
+    job_request,
+    until,
+    wait_http,
+)
+
+MakeConfig = Callable[..., tuple[Path, Config]]
+Spawn = Callable[..., Proc]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+async def new_storage(make_config: MakeConfig) -> Storage:
+    _path, config = make_config()
+    return Storage(connect(config), config)
+
+
+async def job_awaiting_callback(storage: Storage, job_id: str) -> None:
+    """A job whose download succeeded: its callback entry is on the callbacks stream."""
+    req = parse_download_request(
+        {"aggr_id": "r", "aggr_limit": 5, "url": "http://o.test/x", "callback_url": "http://c/"}
+    )
+    await storage.enqueue(job_id, req.job_fields(2))
+    [claimed] = (await storage.claim("r", "proc", 60_000, 1)).jobs
+    done = {"attempt": 1, "response_code": 200, "download_url": "u", "file_mime_type": "t/p"}
+    assert (await storage.finish(job_id, claimed.lease, DownloadOutcome.SUCCEEDED, done)).recorded
+
+
+async def consumers(r: aioredis.Redis, keys: Keys) -> dict[str, int]:
+    """The callbacks group's consumers and their pending counts."""
+    rows = await r.xinfo_consumers(keys.callbacks, CALLBACK_GROUP)
+    return {row["name"]: int(row["pending"]) for row in rows}
+
+
+async def instance_of(r: aioredis.Redis, keys: Keys, proc: Proc, timeout_s: float = 20) -> str:
+    """The instance id of a spawned notifier, once its liveness key exists (a bounded poll:
+    another OS process starting)."""
+    assert proc.popen is not None
+    prefix = keys.alive("notifier", "")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for key in await r.keys(keys.alive("notifier", "*")):
+            if f"-{proc.popen.pid}-" in key:
+                return str(key[len(prefix) :])
+        assert time.monotonic() < deadline, f"notifier never beat:\n{proc.log()}"
+        await asyncio.sleep(0.05)
+
+
+async def until_async(check: Callable[[], Any], timeout_s: float) -> None:
+    """A bounded poll of a state another OS process reaches."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, "never got there"
+        await asyncio.sleep(0.05)
+
+
+async def start_api(spawn: Spawn, path: Path) -> str:
+    port = free_port()
+    spawn("api", path, port)
+    api = f"http://127.0.0.1:{port}"
+    await wait_http(f"{api}/hb")
+    return api
+
+
+async def submit_jobs(api: str, files: FileServer, callback: str, n: int) -> list[str]:
+    url = files.add("/r", b"payload")
+    ids = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(n):
+            body = {"aggr_id": "r", "aggr_limit": n, "url": url, "callback_url": callback}
+            async with http.post(f"{api}/download", json=body) as resp:
+                assert resp.status == 201, await resp.text()
+                ids.append(str((await resp.json())["id"]))
+    return ids
+
+
+async def callback_events(r: aioredis.Redis, keys: Keys, job_id: str) -> list[tuple[str, Any]]:
+    events = await r.xrange(keys.job_events(job_id))
+    return [(f["type"], json.loads(f["data"])) for _id, f in events if "callback" in f["type"]]
+
+
+async def all_settled(r: aioredis.Redis, keys: Keys, ids: list[str]) -> bool:
+    states = [await r.hget(keys.job(j), "callback_state") for j in ids]
+    return all(s == "Success" for s in states)
+
+
+# -- the takeover script and the fence, against Redis --------------------------------------------
+
+
+async def test_takeover_moves_only_a_gone_consumers_entries_each_to_one_taker(
+    make_config: MakeConfig, redis_client: aioredis.Redis
+) -> None:
+    """Concurrent takeovers split a gone consumer's entries with no overlap and delete it once
+    empty; a consumer whose liveness key exists keeps its entries."""
+    storage = await new_storage(make_config)
+    keys = storage.keys
+    try:
+        await storage.ensure_callback_group()
+        for i in range(23):
+            await redis_client.xadd(keys.callbacks, {"job_id": f"J{i}"})
+        gone = await storage.read_callbacks("gone", 20, 100)
+        live = await storage.read_callbacks("live", 3, 100)
+        for alive in ("live", "b", "c"):
+            await storage.beat("notifier", alive, 60_000)
+        results = await asyncio.gather(
+            *(storage.take_over_callbacks(taker, 7) for taker in ("b", "c", "b", "c"))
+        )
+        taken = [e for takeovers in results for t in takeovers for e in t.entries]
+        assert sorted(taken) == sorted(gone)  # every entry once, none of the live one's
+        assert {t.consumer for takeovers in results for t in takeovers} == {"gone"}
+        assert sum(t.deleted for takeovers in results for t in takeovers) == 1
+        pending = await consumers(redis_client, keys)
+        assert "gone" not in pending
+        assert pending["live"] == len(live)
+        assert pending["b"] + pending["c"] == len(gone)
+    finally:
+        await storage.close()
+
+
+async def test_a_stale_attempt_records_nothing_and_leaves_the_entry_to_the_taker(
+    make_config: MakeConfig, redis_client: aioredis.Redis
+) -> None:
+    """When a notifier thought gone finishes after its entry was taken over, its result is not
+    recorded and the entry stays pending with the taker until the taker's attempt records."""
+    storage = await new_storage(make_config)
+    keys = storage.keys
+    try:
+        await job_awaiting_callback(storage, "Stale1")
+        await storage.ensure_callback_group()
+        [(entry, _job)] = await storage.read_callbacks("slow", 10, 100)
+        first = await storage.callback_begin("Stale1")
+        assert first is not None
+        [takeover] = await storage.take_over_callbacks("taker", 10)
+        assert takeover.entries == [(entry, "Stale1")]
+        second = await storage.callback_begin("Stale1")
+        assert second is not None
+        assert (first.callback_attempts, second.callback_attempts) == (1, 2)
+
+        late = {"attempt": 1, "delivery_error": "500", "retry_in_ms": 10}
+        assert await storage.callback_end("Stale1", CallbackOutcome.RETRY, late, entry, 10) == ""
+        assert await redis_client.hget(keys.job("Stale1"), "callback_state") == "InProgress"
+        assert await redis_client.zcard(keys.callback_retries) == 0
+        assert await consumers(redis_client, keys) == {"taker": 1}
+
+        assert await storage.callback_end(
+            "Stale1", CallbackOutcome.DELIVERED, {"attempt": 2}, entry, 60_000
+        )
+        assert await redis_client.hget(keys.job("Stale1"), "callback_state") == "Success"
+        assert await consumers(redis_client, keys) == {"taker": 0}
+
+        # the slow one again, after the end: still nothing recorded
+        failed = {"attempt": 1, "delivery_error": "gone"}
+        assert await storage.callback_end("Stale1", CallbackOutcome.FAILED, failed, entry, 0) == ""
+        assert await redis_client.hget(keys.job("Stale1"), "callback_state") == "Success"
+        types = [t for t, _d in await callback_events(redis_client, keys, "Stale1")]
+        assert types == ["callback.attempted", "callback.attempted", "callback.delivered"]
+    finally:
+        await storage.close()
+
+
+@pytest.fixture
+async def relay(redis_server: EmbeddedRedis) -> AsyncIterator[TcpRelay]:
+    """A TCP relay to the test Redis (stop() is an outage); closed after the services."""
+    relay = await TcpRelay(redis_server.port).start()
+    yield relay
+    await relay.stop()
+
+
+async def test_a_callback_cut_short_by_a_redis_outage_is_delivered_again_by_its_notifier(
+    relay: TcpRelay, service_factory: Any, files: FileServer
+) -> None:
+    """A notifier that lost Redis while recording a delivery delivers that callback again
+    itself once Redis is back (its own entry: nobody takes it over from a live notifier)."""
+    receiver = await HoldingReceiver().start()
+    try:
+        front = await service_factory(roles={"api", "processor"})
+        back = await service_factory(
+            {"redis": {"addr": f"127.0.0.1:{relay.port}"}}, roles={"notifier"}
+        )
+        job_id = await front.submit(**job_request(files.add("/o", b"x"), receiver.url("/cb")))
+        await receiver.wait(lambda: len(receiver.held) == 1, timeout_s=10)
+        await relay.stop()
+        receiver.release.set()  # answered 200: recording it fails, Redis is unreachable
+        await until(lambda: back.notifier._orphaned, timeout=10)
+        await relay.start()
+        await receiver.wait(lambda: len(receiver.delivered) == 1, timeout_s=20)
+        job = await front.wait_job(job_id, lambda j: j["callback_state"] == "Success")
+        assert job["callback_attempts"] == 2
+        keys = front.storage.keys
+        events = await callback_events(front.storage.r, keys, job_id)
+        assert [t for t, _d in events] == [
+            "callback.attempted",
+            "callback.attempted",
+            "callback.delivered",
+        ]
+    finally:
+        await receiver.close()
+
+
+# -- real notifier processes ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_sigkilled_notifier_callbacks_move_on_once_its_heartbeat_lapses(
+    spawn: Spawn, make_config: MakeConfig, redis_client: aioredis.Redis, files: FileServer
+) -> None:
+    """A notifier SIGKILLed mid-delivery: a running notifier delivers every one of its
+    callbacks once its liveness lapses, long before claim_idle_ms (120 s, now ignored), and the
+    dead consumer leaves the group."""
+    receiver = await HoldingReceiver().start()
+    try:
+        path, config = make_config({"notifier": {"claim_idle_ms": 120_000}})
+        keys = Keys(config.redis.key_prefix)
+        spawn("processor", path)
+        first = spawn("notifier", path)
+        api = await start_api(spawn, path)
+        ids = await submit_jobs(api, files, receiver.url("/cb"), 8)
+        await receiver.wait(lambda: len(receiver.held) == 8, timeout_s=30)
+        second = spawn("notifier", path)
+        survivor = await instance_of(redis_client, keys, second)
+        first.kill()
+
+        await receiver.wait(lambda: len(receiver.delivered) == 8, timeout_s=60)
+        assert set(receiver.delivered) == set(ids)
+        assert all(len(receiver.delivered[j]) == 1 for j in ids)
+        await until_async(lambda: all_settled(redis_client, keys, ids), timeout_s=10)
+        for job_id in ids:
+            events = await callback_events(redis_client, keys, job_id)
+            assert events == [
+                ("callback.attempted", {"attempt": 1}),
+                ("callback.attempted", {"attempt": 2}),
+                ("callback.delivered", {"attempt": 2}),
+            ]
+        assert await consumers(redis_client, keys) == {survivor: 0}
+    finally:
+        await receiver.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_slow_live_notifier_keeps_its_callbacks(
+    spawn: Spawn, make_config: MakeConfig, redis_client: aioredis.Redis, files: FileServer
+) -> None:
+    """Callbacks whose receiver answers after 7 s (past the 5 s liveness lapse and a 1 s
+    claim_idle_ms) are delivered once each by the notifier that took them; the other running
+    notifier never takes one."""
+    receiver = await CallbackReceiver().start()
+    receiver.delay_s = 7.0
+    try:
+        path, config = make_config(
+            {"notifier": {"claim_idle_ms": 1000}, "backends": {"http": {"timeout": 30}}}
+        )
+        keys = Keys(config.redis.key_prefix)
+        spawn("processor", path)
+        notifiers = [spawn("notifier", path) for _ in range(2)]
+        for n in notifiers:
+            await instance_of(redis_client, keys, n)
+        api = await start_api(spawn, path)
+        ids = await submit_jobs(api, files, receiver.url("/cb"), 6)
+
+        await receiver.wait_total(6, timeout=60)
+        await until_async(lambda: all_settled(redis_client, keys, ids), timeout_s=10)
+        for job_id in ids:
+            assert len(receiver.for_job(job_id)) == 1
+            events = await callback_events(redis_client, keys, job_id)
+            assert events == [
+                ("callback.attempted", {"attempt": 1}),
+                ("callback.delivered", {"attempt": 1}),
+            ]
+        assert all(n.popen is not None and n.popen.poll() is None for n in notifiers)
+    finally:
+        await receiver.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_gone_notifier_without_callbacks_leaves_the_group(
+    spawn: Spawn,
+    make_config: MakeConfig,
+    redis_client: aioredis.Redis,
+    files: FileServer,
+    receiver: CallbackReceiver,
+) -> None:
+    """The consumer of a notifier SIGKILLed with nothing pending is deleted from the group by
+    another notifier once its liveness lapses: restarts do not grow the group."""
+    path, config = make_config()
+    keys = Keys(config.redis.key_prefix)
+    spawn("processor", path)
+    first = spawn("notifier", path)
+    dead = await instance_of(redis_client, keys, first)
+    api = await start_api(spawn, path)
+    # Redis 6.2 adds a consumer to the group when it is first handed an entry
+    [job_id] = await submit_jobs(api, files, receiver.url("/cb"), 1)
+    await receiver.wait_for(job_id, timeout=30)
+    await until_async(lambda: all_settled(redis_client, keys, [job_id]), timeout_s=10)
+    assert await consumers(redis_client, keys) == {dead: 0}
+    first.kill()
+    survivor = await instance_of(redis_client, keys, spawn("notifier", path))
+
+    async def only_survivor() -> bool:
+        return dead not in await consumers(redis_client, keys)
+
+    await until_async(only_survivor, timeout_s=60)
+    assert set(await consumers(redis_client, keys)) <= {survivor}
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_hands_unsettled_callbacks_over_at_once(
+    spawn: Spawn, make_config: MakeConfig, redis_client: aioredis.Redis, files: FileServer
+) -> None:
+    """A notifier stopped by SIGTERM with callbacks still held past its grace exits 0 with its
+    liveness key already deleted (no lapse to wait for); another notifier delivers them."""
+    receiver = await HoldingReceiver().start()
+    try:
+        path, config = make_config({"notifier": {"shutdown_grace_seconds": 0.5}})
+        keys = Keys(config.redis.key_prefix)
+        spawn("processor", path)
+        first = spawn("notifier", path)
+        stopping = await instance_of(redis_client, keys, first)
+        api = await start_api(spawn, path)
+        ids = await submit_jobs(api, files, receiver.url("/cb"), 5)
+        await receiver.wait(lambda: len(receiver.held) == 5, timeout_s=30)
+        await instance_of(redis_client, keys, spawn("notifier", path))
+
+        assert first.terminate() == 0, first.log()
+        assert await redis_client.exists(keys.alive("notifier", stopping)) == 0
+        await receiver.wait(lambda: len(receiver.delivered) == 5, timeout_s=60)
+        assert set(receiver.delivered) == set(ids)
+        await until_async(lambda: all_settled(redis_client, keys, ids), timeout_s=10)
+    finally:
+        await receiver.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_stopping_notifier_keeps_its_callbacks_through_the_grace(
+    spawn: Spawn, make_config: MakeConfig, redis_client: aioredis.Redis, files: FileServer
+) -> None:
+    """A notifier given SIGTERM beats on through its grace: callbacks it finishes 7 s later
+    (past the 5 s lapse) are recorded by it, once, and no other notifier takes one."""
+    receiver = await HoldingReceiver().start()
+    try:
+        path, config = make_config(
+            {"notifier": {"shutdown_grace_seconds": 30}, "backends": {"http": {"timeout": 30}}}
+        )
+        keys = Keys(config.redis.key_prefix)
+        spawn("processor", path)
+        first = spawn("notifier", path)
+        api = await start_api(spawn, path)
+        ids = await submit_jobs(api, files, receiver.url("/cb"), 4)
+        await receiver.wait(lambda: len(receiver.held) == 4, timeout_s=30)
+        await instance_of(redis_client, keys, spawn("notifier", path))
+        assert first.popen is not None
+        first.popen.terminate()
+        await asyncio.sleep(7)  # a receiver this slow: the load's shape, not a wait for an event
+        receiver.release.set()
+
+        assert await asyncio.to_thread(first.popen.wait, 30) == 0, first.log()
+        await until_async(lambda: all_settled(redis_client, keys, ids), timeout_s=10)
+        assert receiver.delivered == {}  # no second delivery of any
+        for job_id in ids:
+            events = await callback_events(redis_client, keys, job_id)
+            assert events == [
+                ("callback.attempted", {"attempt": 1}),
+                ("callback.delivered", {"attempt": 1}),
+            ]
+    finally:
+        await receiver.close()
