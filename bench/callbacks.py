@@ -42,20 +42,21 @@ from common import (
     busy_cores,
     cpu_seconds,
     cpu_ticks,
-    free_port,
     merge,
     save_json,
 )
 
 from downloader.embedded import EmbeddedRedis  # common put the repository on sys.path
 from downloader.storage import Keys
-from tests.servers import wait_http
-from tests.support.kafka_broker import (
+from harness.kafka_broker import (
     KafkaBroker,
     create_topic,
     external_bootstrap,
     kafka_available,
 )
+from harness.net import free_port
+from harness.redis_nodes import StrRedis
+from harness.servers import wait_http
 
 JOBS = 2000
 CONCURRENCY = (10, 50)  # notifier.concurrency: the default, and the production config's
@@ -82,7 +83,7 @@ async def _submit(base_url: str, bodies: list[dict[str, Any]]) -> list[str]:
 
 
 async def _events_until(
-    r: aioredis.Redis, key: str, after: str, etype: str, count: int, timeout_s: float
+    r: StrRedis, key: str, after: str, etype: str, count: int, timeout_s: float
 ) -> list[tuple[str, dict[str, str]]]:
     """Entries of the global event stream after `after` until `count` of type `etype` were seen."""
     out: list[tuple[str, dict[str, str]]] = []
@@ -157,7 +158,9 @@ async def drain(
             for i in range(jobs)
         ]
         keys = Keys(config["redis"].get("key_prefix", "dl"))
-        r = aioredis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)
+        r: StrRedis = aioredis.Redis(
+            host="127.0.0.1", port=redis_server.port, decode_responses=True
+        )
         try:
             ids = await _submit(base_url, bodies)
             await _events_until(r, keys.events, "0-0", "download.succeeded", jobs, 300)

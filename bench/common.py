@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first; the serv
     sys.path.insert(0, str(ROOT))
 
 from downloader.embedded import EmbeddedRedis  # noqa: E402
-from tests.servers import free_port  # noqa: E402
+from harness.servers import free_port  # noqa: E402
 
 
 def cpu_ticks() -> tuple[int, int, int]:

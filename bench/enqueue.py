@@ -97,7 +97,7 @@ async def run(
                     "cpu_cores_used": cpu,
                 }
             )
-    median = sorted(results, key=lambda r: r["req_per_s"])[len(results) // 2]
+    median = sorted(results, key=lambda r: float(str(r["req_per_s"])))[len(results) // 2]
     return {
         "requests": requests,
         "concurrency": concurrency,

@@ -1,4 +1,4 @@
-"""Self-check of tests/support/kafka_broker.py: start, produce, consume, restart, timings."""
+"""Self-check of harness/kafka_broker.py: start, produce, consume, restart, timings."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO))
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer  # noqa: E402
 
-from tests.support.kafka_broker import (  # noqa: E402
+from harness.kafka_broker import (  # noqa: E402
     KAFKA_VERSION,
     KafkaBroker,
     default_cache_dir,

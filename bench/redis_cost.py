@@ -23,10 +23,11 @@ from common import STACKS_DIR, save_json
 
 from downloader.config import Config
 from downloader.embedded import EmbeddedRedis
+from downloader.jobs import ClaimedJob
 from downloader.models import parse_download_request
 from downloader.storage import Storage, connect
 from downloader.vocabulary import CallbackOutcome, DownloadOutcome
-from tests.servers import free_port
+from harness.servers import free_port
 
 SUCCEEDED = {
     "attempt": 1,
@@ -59,7 +60,7 @@ async def run(jobs: int = 500, aof: bool = True) -> dict[str, Any]:
         )
         fields = request.job_fields(2)
         await storage.enqueue("Warm0000000000", fields)  # loads the scripts
-        claimed: list[dict[str, str]] = []
+        claimed: list[ClaimedJob] = []
 
         async def claim(_i: int) -> None:
             claimed.extend((await storage.claim("cost", "bench", 600_000, 1)).jobs)

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS_DIR, Role, Stack, git_commit
 
 from downloader.storage import Keys
+from harness.redis_nodes import StrRedis
 from harness.scale import GatedOrigin, wait_succeeded
 
 AGGREGATIONS = 30
@@ -49,10 +50,10 @@ async def drain(processors: int, jobs: int, origin: GatedOrigin) -> dict[str, fl
                 "url": origin.url(f"/{aggr}/job{i}"),
                 "callback_url": "http://127.0.0.1:9/cb",  # no notifier runs: never called
             }
-            async with http.post(stack.base_url + "/download", json=body) as r:
-                assert r.status == 201, await r.text()
+            async with http.post(stack.base_url + "/download", json=body) as resp:
+                assert resp.status == 201, await resp.text()
         keys = Keys("dl")
-        r = aioredis.Redis(host="127.0.0.1", port=stack.redis.port, decode_responses=True)
+        r: StrRedis = aioredis.Redis(host="127.0.0.1", port=stack.redis.port, decode_responses=True)
         try:
             last = await r.xrevrange(keys.events, count=1)
             config = stack.tmp / "config.json"

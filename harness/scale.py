@@ -8,12 +8,12 @@ import asyncio
 import time
 from collections import Counter
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from downloader.storage import Keys
 from downloader.vocabulary import EventType
 from harness.net import free_port
+from harness.redis_nodes import StrRedis
 
 __all__ = ["GatedOrigin", "wait_succeeded"]
 
@@ -76,7 +76,7 @@ class GatedOrigin:
 
 
 async def wait_succeeded(
-    r: aioredis.Redis, keys: Keys, after: str, count: int, timeout_s: float
+    r: StrRedis, keys: Keys, after: str, count: int, timeout_s: float
 ) -> list[str]:
     """Block on the global event stream until `count` downloads succeeded after `after`;
     returns the ids of the jobs that succeeded (one entry per success)."""

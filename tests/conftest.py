@@ -29,7 +29,8 @@ from downloader.heartbeat import new_instance_id
 from downloader.notifier import Notifier
 from downloader.processor import Processor
 from downloader.storage import Storage, connect
-from tests.servers import CallbackReceiver, FileServer, ForwardProxy, free_port
+from harness.redis_nodes import SentinelGroup, StrRedis
+from harness.servers import CallbackReceiver, FileServer, ForwardProxy, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 
 
 @pytest.fixture
-async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[StrRedis]:
     """A client on a flushed database: every test starts from nothing."""
     client = aioredis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
     await client.flushall()
@@ -92,7 +93,7 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture
 def make_config(
-    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+    redis_server: EmbeddedRedis, redis_client: StrRedis, tmp_path: Path
 ) -> Callable[..., tuple[Path, Config]]:
     """`make_config({"processor": {...}})` -> (path of a config.json, the validated Config)."""
 
@@ -284,3 +285,16 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+@pytest.fixture
+async def sentinels(tmp_path: Path) -> AsyncIterator[SentinelGroup]:
+    """The group; requested before `service_factory`, so it is torn down after the service."""
+    group = SentinelGroup(tmp_path / "ha")
+    try:
+        await group.start()
+        yield group
+    finally:
+        for client in group.clients:
+            await client.aclose()
+        group.stop()

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
+from harness.redis_nodes import StrRedis
+from harness.servers import CallbackReceiver, FileServer, ForwardProxy, Reply, free_port
 from tests.conftest import Service
-from tests.servers import CallbackReceiver, FileServer, ForwardProxy, Reply, free_port
 
 ServiceFactory = Callable[..., Any]
 UNKNOWN_ID = "NoSuchJob00000"
@@ -42,7 +42,7 @@ def job_body(url: str, receiver: CallbackReceiver, **extra: Any) -> dict[str, An
     return valid_body(url=url, callback_dst=receiver.url("/cb"), **extra)
 
 
-async def job_keys(redis_client: aioredis.Redis) -> list[str]:
+async def job_keys(redis_client: StrRedis) -> list[str]:
     """Sorted: SCAN's order changes when Redis resizes its table (heartbeats add keys)."""
     return sorted([k async for k in redis_client.scan_iter(match="dl:job:*")])
 
@@ -203,7 +203,7 @@ INVALID_BODIES = [
 ]
 
 
-async def data_keys(redis_client: aioredis.Redis) -> list[str]:
+async def data_keys(redis_client: StrRedis) -> list[str]:
     """Every key but the instances' heartbeats (each API instance announces itself)."""
     keys = await redis_client.keys("*")
     return sorted(k for k in keys if not k.startswith("dl:stats:") and k != "dl:instances")
@@ -211,7 +211,7 @@ async def data_keys(redis_client: aioredis.Redis) -> list[str]:
 
 @pytest.mark.parametrize(("data", "field"), INVALID_BODIES)
 async def test_invalid_body_is_rejected_naming_the_field_and_stores_nothing(
-    api: Service, redis_client: aioredis.Redis, data: bytes, field: str
+    api: Service, redis_client: StrRedis, data: bytes, field: str
 ) -> None:
     """An invalid POST /download answers 400 JSON naming the field, and Redis stays untouched."""
     before = await data_keys(redis_client)
@@ -223,9 +223,7 @@ async def test_invalid_body_is_rejected_naming_the_field_and_stores_nothing(
     assert await data_keys(redis_client) == before == []
 
 
-async def test_valid_body_is_accepted_and_stored(
-    api: Service, redis_client: aioredis.Redis
-) -> None:
+async def test_valid_body_is_accepted_and_stored(api: Service, redis_client: StrRedis) -> None:
     """The control case of the table above: a valid body answers 201 with an id and is stored."""
     status, content_type, body = await post_raw(api, "/download", as_json(valid_body()))
     assert (status, content_type) == (201, "application/json")
@@ -234,7 +232,7 @@ async def test_valid_body_is_accepted_and_stored(
 
 
 async def test_body_over_max_body_bytes_is_413_json(
-    service_factory: ServiceFactory, redis_client: aioredis.Redis
+    service_factory: ServiceFactory, redis_client: StrRedis
 ) -> None:
     """A body larger than api.max_body_bytes answers 413 JSON and stores nothing."""
     svc = await service_factory({"api": {"max_body_bytes": 1000}}, {"api"})
@@ -284,7 +282,7 @@ async def test_retry_of_unknown_job_is_404(api: Service) -> None:
 
 
 async def test_retry_while_the_callback_has_not_failed_is_409(
-    api: Service, redis_client: aioredis.Redis
+    api: Service, redis_client: StrRedis
 ) -> None:
     """POST /retry/{id} answers 409 while the callback is still pending, and changes nothing."""
     job_id = await api.submit(**valid_body())
@@ -499,7 +497,7 @@ PROTECTED = [
 
 
 async def test_tokens_guard_every_endpoint_but_hb(
-    service_factory: ServiceFactory, redis_client: aioredis.Redis
+    service_factory: ServiceFactory, redis_client: StrRedis
 ) -> None:
     """With api.tokens set, every endpoint but /hb answers 401 JSON without a valid bearer token."""
     svc = await service_factory({"api": {"tokens": ["t0ken-a", "t0ken-b"]}}, {"api"})
@@ -530,7 +528,7 @@ async def test_tokens_guard_every_endpoint_but_hb(
 
 
 async def test_aggr_proxy_is_fixed_while_the_aggregation_has_jobs(
-    api: Service, redis_client: aioredis.Redis
+    api: Service, redis_client: StrRedis
 ) -> None:
     """A different aggr_proxy for an aggregation with queued jobs answers 409 and stores nothing."""
     first = valid_body(aggr_id="px", aggr_proxy="http://proxy-one.test:3128")

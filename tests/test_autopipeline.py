@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 from downloader.autopipeline import AutoPipeline
 from downloader.connections import NotReplicated
 from downloader.embedded import EmbeddedRedis
+from harness.redis_nodes import StrRedis
 
 ECHO = "return ARGV[1]"
 FAIL_ON_BOOM = "if ARGV[1] == 'boom' then return redis.error_reply('BOOM') end return ARGV[1]"
@@ -33,7 +34,7 @@ class CountingConnection(Connection):
 
 
 @pytest.fixture
-async def client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+async def client(redis_server: EmbeddedRedis) -> AsyncIterator[StrRedis]:
     pool = aioredis.ConnectionPool(
         host=redis_server.host,
         port=redis_server.port,
@@ -52,7 +53,7 @@ async def writes_during(coro: Any) -> tuple[Any, int]:
     return result, CountingConnection.writes - before
 
 
-async def test_calls_of_one_turn_share_one_write(client: aioredis.Redis) -> None:
+async def test_calls_of_one_turn_share_one_write(client: StrRedis) -> None:
     pipe = AutoPipeline(client)
     echo = client.register_script(ECHO)
     await client.script_load(ECHO)
@@ -63,14 +64,14 @@ async def test_calls_of_one_turn_share_one_write(client: aioredis.Redis) -> None
     assert writes == 1
 
 
-async def test_a_lone_call_is_sent_alone(client: aioredis.Redis) -> None:
+async def test_a_lone_call_is_sent_alone(client: StrRedis) -> None:
     pipe = AutoPipeline(client)
     echo = client.register_script(ECHO)
     await client.script_load(ECHO)
     assert await writes_during(pipe.call(echo, ("one",))) == ("one", 1)
 
 
-async def test_a_script_error_fails_only_its_caller(client: aioredis.Redis) -> None:
+async def test_a_script_error_fails_only_its_caller(client: StrRedis) -> None:
     pipe = AutoPipeline(client)
     script = client.register_script(FAIL_ON_BOOM)
     replies = await asyncio.gather(
@@ -84,7 +85,7 @@ async def test_a_script_error_fails_only_its_caller(client: aioredis.Redis) -> N
 
 
 async def test_unknown_scripts_are_loaded_and_their_calls_sent_again(
-    client: aioredis.Redis,
+    client: StrRedis,
 ) -> None:
     """After SCRIPT FLUSH (a restarted Redis, a failover) every call still runs exactly once."""
     pipe = AutoPipeline(client)
@@ -98,7 +99,7 @@ async def test_unknown_scripts_are_loaded_and_their_calls_sent_again(
     assert await pipe.call(incr, ("ap:n",)) == 11  # the lone-call path recovers too
 
 
-async def test_a_cancelled_caller_leaves_the_others_alone(client: aioredis.Redis) -> None:
+async def test_a_cancelled_caller_leaves_the_others_alone(client: StrRedis) -> None:
     pipe = AutoPipeline(client)
     echo = client.register_script(ECHO)
     first, second = pipe.call(echo, ("x",)), pipe.call(echo, ("y",))
@@ -107,19 +108,20 @@ async def test_a_cancelled_caller_leaves_the_others_alone(client: aioredis.Redis
 
 
 async def test_wait_without_a_replica_fails_only_the_calls_that_asked(
-    client: aioredis.Redis,
+    client: StrRedis,
 ) -> None:
     pipe = AutoPipeline(client, wait_ms=20)
     echo = client.register_script(ECHO)
-    plain, acked = await asyncio.gather(
+    results: tuple[Any, ...] = await asyncio.gather(
         pipe.call(echo, ("plain",)), pipe.call(echo, ("acked",), acks=1), return_exceptions=True
     )
+    plain, acked = results
     assert plain == "plain"
     assert isinstance(acked, NotReplicated)
 
 
 async def test_a_dead_server_fails_every_call_of_the_batch() -> None:
-    from tests.servers import free_port
+    from harness.servers import free_port
 
     c = aioredis.Redis(
         port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0), retry_on_error=[]

@@ -1,5 +1,5 @@
 """Chaos: random SIGKILLs of api, processor and notifier processes lose no job (the scenario of
-bench/chaos.py, smaller)."""
+harness/chaos.py, which bench/chaos.py runs bigger)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import Chaos, ChaosSpec, summary
 from downloader.embedded import EmbeddedRedis
+from harness.chaos import Chaos, ChaosSpec, summary
 
 SPEC = ChaosSpec(jobs=300, aggregations=20, min_kills=10, submit_s=8.0, drain_timeout_s=30.0)
 

@@ -16,16 +16,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 from confluent_kafka import KafkaException, Producer
 
 from downloader.backends.kafka import PollingProducer, producer_config
 from downloader.config import load_config
 from downloader.embedded import EmbeddedRedis
 from downloader.storage import Keys
+from harness.redis_nodes import MASTER_NAME, SentinelGroup, StrRedis
+from harness.servers import CallbackReceiver, FileServer, free_port, wait_http
 from tests.conftest import ROOT, Service
-from tests.servers import CallbackReceiver, FileServer, free_port, wait_http
-from tests.test_sentinel import MASTER_NAME, SentinelGroup
 
 ORIGINAL_SAMPLE = Path("/work/shared/compat/original-config.sample.json")
 SAMPLE_BYTES = ORIGINAL_SAMPLE.read_bytes()
@@ -147,7 +146,7 @@ def assert_warned_once_each(log: str) -> None:
 @pytest.mark.timeout(120)
 async def test_original_sample_config_runs_a_job_end_to_end(
     redis_server: EmbeddedRedis,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     tmp_path: Path,
     files: FileServer,
     receiver: CallbackReceiver,
@@ -163,31 +162,19 @@ async def test_original_sample_config_runs_a_job_end_to_end(
     assert_warned_once_each(run.log())
 
 
-@pytest.fixture
-async def sentinel_group(tmp_path: Path) -> AsyncIterator[SentinelGroup]:
-    """A master, a replica and three sentinels on loopback."""
-    group = SentinelGroup(tmp_path / "ha")
-    try:
-        await group.start()
-        yield group
-    finally:
-        group.stop()
-
-
-@pytest.mark.timeout(120)
 async def test_original_sample_with_a_sentinel_list_runs_a_job_end_to_end(
-    sentinel_group: SentinelGroup, tmp_path: Path, files: FileServer, receiver: CallbackReceiver
+    sentinels: SentinelGroup, tmp_path: Path, files: FileServer, receiver: CallbackReceiver
 ) -> None:
     """The sample with the original's Sentinel form (`redis.sentinel` a list of addresses,
     `redis.master_name`; its `redis.addr` left in and unused) runs a job end to end on the
     master the sentinels name."""
     config = json.loads(SAMPLE_BYTES)
-    config["redis"]["sentinel"] = [f"127.0.0.1:{s.port}" for s in sentinel_group.sentinels]
+    config["redis"]["sentinel"] = [f"127.0.0.1:{s.port}" for s in sentinels.sentinels]
     config["redis"]["master_name"] = MASTER_NAME
     run = OriginalConfigRun(tmp_path, config)
     async with running(run):
         job_id = await one_job_end_to_end(run, files, receiver)
-    async with sentinel_group.master.client() as master:
+    async with sentinels.master.client() as master:
         state = await master.hmget(Keys("dl").job(job_id), ["download_state", "callback_state"])
         assert state == ["Success", "Success"]
     assert_warned_once_each(run.log())

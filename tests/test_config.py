@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from downloader.config import load_config
+from downloader.config import S3Storage, load_config
 from downloader.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,6 +196,7 @@ def test_filestorage_s3_object(tmp_path: Path) -> None:
     )
     processor = load_config(path, environ={}).processor
     assert processor.files_root is None
+    assert isinstance(processor.filestorage, S3Storage)
     assert (processor.filestorage.type, processor.filestorage.bucket) == ("s3", "media")
 
 

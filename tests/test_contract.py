@@ -8,8 +8,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from downloader.events import EVENT_TYPES
 from downloader.jobs import CallbackJob, ClaimedJob, Job
 from downloader.storage import Keys
@@ -21,6 +19,7 @@ from downloader.vocabulary import (
     EventType,
     FileState,
 )
+from harness.redis_nodes import StrRedis
 
 SCRIPTS = Path(str(resources.files("downloader") / "scripts"))
 
@@ -90,7 +89,7 @@ def test_projection_fields_the_readers_name_exist_in_the_fold() -> None:
 
 
 async def test_every_lua_key_has_a_python_twin_spelled_the_same(
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
 ) -> None:
     """Each KEY.* of prelude.lua is a storage.Keys member building the very same name (run in
     a real Redis, with the template storage.py passes)."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from harness.servers import CallbackReceiver, FileServer, Reply, job_request
 from tests.conftest import Service
 from tests.images import gif, jpeg, png
-from tests.servers import CallbackReceiver, FileServer, Reply, job_request
 
 
 def job_body(files_url: str, receiver: CallbackReceiver, **extra: object) -> dict[str, object]:
@@ -180,7 +180,7 @@ async def test_aggregation_proxy_is_used(
     service: Service, files: FileServer, receiver: CallbackReceiver, proxy: object
 ) -> None:
     """Downloads of an aggregation with aggr_proxy go through that proxy."""
-    from tests.servers import ForwardProxy
+    from harness.servers import ForwardProxy
 
     assert isinstance(proxy, ForwardProxy)
     url = files.add("/via", b"proxied")

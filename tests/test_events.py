@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
+from harness.redis_nodes import StrRedis
+from harness.servers import CallbackReceiver, FileServer, Reply, job_request
 from tests.conftest import ROOT, Service
 from tests.images import png
-from tests.servers import CallbackReceiver, FileServer, Reply, job_request
 
 STREAM_ID = re.compile(r"^\d+-\d+$")
 Snapshot = dict[str, tuple[dict[str, str], int]]
@@ -258,7 +258,7 @@ async def run_mix(service: Service, files: FileServer, receiver: CallbackReceive
         await bad.close()
 
 
-async def snapshot(r: aioredis.Redis, service: Service, ids: list[str]) -> Snapshot:
+async def snapshot(r: StrRedis, service: Service, ids: list[str]) -> Snapshot:
     """The projection hash of each job with its PTTL."""
     out: Snapshot = {}
     for job_id in ids:
@@ -300,7 +300,7 @@ async def rebuild_setup(
     make_config: Callable[..., tuple[Path, Any]],
     files: FileServer,
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
 ) -> AsyncIterator[tuple[Service, Path, list[str], Snapshot]]:
     """A service that ran the mix; (service, its config path, job ids, projections snapshot)."""
     patch = {"processor": {"shutdown_grace_seconds": 0}}
@@ -314,13 +314,13 @@ async def rebuild_setup(
     yield service, config_path, ids, before
 
 
-async def last_event_id(r: aioredis.Redis, service: Service) -> str:
+async def last_event_id(r: StrRedis, service: Service) -> str:
     [(event_id, _fields)] = await r.xrevrange(service.storage.keys.events, count=1)
     return str(event_id)
 
 
 async def test_rebuild_restores_corrupted_projections_field_by_field(
-    rebuild_setup: tuple[Service, Path, list[str], Snapshot], redis_client: aioredis.Redis
+    rebuild_setup: tuple[Service, Path, list[str], Snapshot], redis_client: StrRedis
 ) -> None:
     """`downloader rebuild` turns corrupted projections back into the live ones, TTLs kept."""
     service, config_path, ids, before = rebuild_setup
@@ -335,7 +335,7 @@ async def test_rebuild_restores_corrupted_projections_field_by_field(
 
 
 async def test_rebuild_recreates_deleted_projections_from_events_alone(
-    rebuild_setup: tuple[Service, Path, list[str], Snapshot], redis_client: aioredis.Redis
+    rebuild_setup: tuple[Service, Path, list[str], Snapshot], redis_client: StrRedis
 ) -> None:
     """`downloader rebuild` recreates deleted projections from the events alone, TTLs kept."""
     service, config_path, ids, before = rebuild_setup
@@ -354,7 +354,7 @@ async def test_settled_jobs_expire_after_retention_unsettled_ones_stay(
     service_factory: Callable[..., Any],
     files: FileServer,
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
 ) -> None:
     """Settled jobs' projections and events expire after retention (404); a pending one stays."""
     service: Service = await service_factory(

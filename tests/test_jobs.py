@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
+from harness.servers import CallbackReceiver, FileServer, Reply, free_port, job_request
 from tests.conftest import Service
-from tests.servers import CallbackReceiver, FileServer, Reply, free_port, job_request
 
 
 def body(url: str, receiver: CallbackReceiver, **extra: Any) -> dict[str, Any]:

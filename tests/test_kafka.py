@@ -19,16 +19,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[attr-defined]
 
 from downloader.config import Config
 from downloader.storage import Keys
-from tests.conftest import Proc, Service
-from tests.images import png
-from tests.servers import CallbackReceiver, FileServer, free_port, wait_http
-from tests.support.kafka_broker import (
+from harness.kafka_broker import (
     KAFKA_VERSION,
     KafkaBroker,
     _marker,
@@ -37,6 +33,10 @@ from tests.support.kafka_broker import (
     external_bootstrap,
     kafka_available,
 )
+from harness.redis_nodes import StrRedis
+from harness.servers import CallbackReceiver, FileServer, free_port, wait_http
+from tests.conftest import Proc, Service
+from tests.images import png
 
 MakeConfig = Callable[..., tuple[Path, Config]]
 ServiceFactory = Callable[..., Any]
@@ -115,6 +115,14 @@ class Record:
         return value.decode()
 
 
+def _headers(
+    headers: dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]] | None,
+) -> list[tuple[str, bytes]]:
+    """A message's headers as (name, bytes) pairs (confluent-kafka types them loosely)."""
+    pairs = list(headers.items()) if isinstance(headers, dict) else (headers or [])
+    return [(k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in pairs]
+
+
 class TopicReader:
     """Reads one topic from its beginning with a consumer group of its own, off the event loop."""
 
@@ -149,9 +157,9 @@ class TopicReader:
                     Record(
                         key=(msg.key() or b"").decode(),
                         value=json.loads(msg.value() or b"null"),
-                        headers=[(k, v or b"") for k, v in msg.headers() or []],
-                        partition=msg.partition(),
-                        offset=msg.offset(),
+                        headers=_headers(msg.headers()),
+                        partition=msg.partition() or 0,
+                        offset=msg.offset() or 0,
                     )
                 )
         return self.records
@@ -200,7 +208,7 @@ def read_topic(kafka: Kafka) -> Iterator[Callable[[str], TopicReader]]:
 class EventLog:
     """Follows the global event stream (blocking XREAD): each job's event types, in order."""
 
-    def __init__(self, r: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, r: StrRedis, keys: Keys) -> None:
         self.r, self.key, self.last = r, keys.events, "0-0"
         self.types: dict[str, list[str]] = defaultdict(list)
 
@@ -479,7 +487,7 @@ async def test_sigkilled_notifier_with_messages_in_flight_loses_no_callback(
     make_config: MakeConfig,
     spawn: Spawn,
     files: FileServer,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     http: aiohttp.ClientSession,
     read_topic: Callable[[str], TopicReader],
 ) -> None:
@@ -529,7 +537,7 @@ async def test_event_export_is_complete_and_ordered_per_job_across_notifier_rest
     spawn: Spawn,
     files: FileServer,
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     http: aiohttp.ClientSession,
     read_topic: Callable[[str], TopicReader],
 ) -> None:

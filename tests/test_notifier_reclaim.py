@@ -12,15 +12,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from downloader.config import Config
 from downloader.embedded import EmbeddedRedis
 from downloader.models import parse_download_request
 from downloader.storage import CALLBACK_GROUP, Keys, Storage, connect
 from downloader.vocabulary import CallbackOutcome, DownloadOutcome
-from tests.conftest import Proc
-from tests.servers import (
+from harness.redis_nodes import StrRedis
+from harness.servers import (
     CallbackReceiver,
     FileServer,
     HoldingReceiver,
@@ -30,6 +29,7 @@ from tests.servers import (
     until,
     wait_http,
 )
+from tests.conftest import Proc
 
 MakeConfig = Callable[..., tuple[Path, Config]]
 Spawn = Callable[..., Proc]
@@ -54,13 +54,13 @@ async def job_awaiting_callback(storage: Storage, job_id: str) -> None:
     assert (await storage.finish(job_id, claimed.lease, DownloadOutcome.SUCCEEDED, done)).recorded
 
 
-async def consumers(r: aioredis.Redis, keys: Keys) -> dict[str, int]:
+async def consumers(r: StrRedis, keys: Keys) -> dict[str, int]:
     """The callbacks group's consumers and their pending counts."""
     rows = await r.xinfo_consumers(keys.callbacks, CALLBACK_GROUP)
     return {row["name"]: int(row["pending"]) for row in rows}
 
 
-async def instance_of(r: aioredis.Redis, keys: Keys, proc: Proc, timeout_s: float = 20) -> str:
+async def instance_of(r: StrRedis, keys: Keys, proc: Proc, timeout_s: float = 20) -> str:
     """The instance id of a spawned notifier, once its liveness key exists (a bounded poll:
     another OS process starting)."""
     assert proc.popen is not None
@@ -102,12 +102,12 @@ async def submit_jobs(api: str, files: FileServer, callback: str, n: int) -> lis
     return ids
 
 
-async def callback_events(r: aioredis.Redis, keys: Keys, job_id: str) -> list[tuple[str, Any]]:
+async def callback_events(r: StrRedis, keys: Keys, job_id: str) -> list[tuple[str, Any]]:
     events = await r.xrange(keys.job_events(job_id))
     return [(f["type"], json.loads(f["data"])) for _id, f in events if "callback" in f["type"]]
 
 
-async def all_settled(r: aioredis.Redis, keys: Keys, ids: list[str]) -> bool:
+async def all_settled(r: StrRedis, keys: Keys, ids: list[str]) -> bool:
     states = [await r.hget(keys.job(j), "callback_state") for j in ids]
     return all(s == "Success" for s in states)
 
@@ -116,7 +116,7 @@ async def all_settled(r: aioredis.Redis, keys: Keys, ids: list[str]) -> bool:
 
 
 async def test_takeover_moves_only_a_gone_consumers_entries_each_to_one_taker(
-    make_config: MakeConfig, redis_client: aioredis.Redis
+    make_config: MakeConfig, redis_client: StrRedis
 ) -> None:
     """Concurrent takeovers split a gone consumer's entries with no overlap and delete it once
     empty; a consumer whose liveness key exists keeps its entries."""
@@ -146,7 +146,7 @@ async def test_takeover_moves_only_a_gone_consumers_entries_each_to_one_taker(
 
 
 async def test_a_stale_attempt_records_nothing_and_leaves_the_entry_to_the_taker(
-    make_config: MakeConfig, redis_client: aioredis.Redis
+    make_config: MakeConfig, redis_client: StrRedis
 ) -> None:
     """When a notifier thought gone finishes after its entry was taken over, its result is not
     recorded and the entry stays pending with the taker until the taker's attempt records."""
@@ -230,7 +230,7 @@ async def test_a_callback_cut_short_by_a_redis_outage_is_delivered_again_by_its_
 
 @pytest.mark.timeout(120)
 async def test_sigkilled_notifier_callbacks_move_on_once_its_heartbeat_lapses(
-    spawn: Spawn, make_config: MakeConfig, redis_client: aioredis.Redis, files: FileServer
+    spawn: Spawn, make_config: MakeConfig, redis_client: StrRedis, files: FileServer
 ) -> None:
     """A notifier SIGKILLed mid-delivery: a running notifier delivers every one of its
     callbacks once its liveness lapses, long before claim_idle_ms (120 s, now ignored), and the
@@ -266,7 +266,7 @@ async def test_sigkilled_notifier_callbacks_move_on_once_its_heartbeat_lapses(
 
 @pytest.mark.timeout(120)
 async def test_a_slow_live_notifier_keeps_its_callbacks(
-    spawn: Spawn, make_config: MakeConfig, redis_client: aioredis.Redis, files: FileServer
+    spawn: Spawn, make_config: MakeConfig, redis_client: StrRedis, files: FileServer
 ) -> None:
     """Callbacks whose receiver answers after 7 s (past the 5 s liveness lapse and a 1 s
     claim_idle_ms) are delivered once each by the notifier that took them; the other running
@@ -303,7 +303,7 @@ async def test_a_slow_live_notifier_keeps_its_callbacks(
 async def test_a_gone_notifier_without_callbacks_leaves_the_group(
     spawn: Spawn,
     make_config: MakeConfig,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     files: FileServer,
     receiver: CallbackReceiver,
 ) -> None:
@@ -332,7 +332,7 @@ async def test_a_gone_notifier_without_callbacks_leaves_the_group(
 
 @pytest.mark.timeout(120)
 async def test_sigterm_hands_unsettled_callbacks_over_at_once(
-    spawn: Spawn, make_config: MakeConfig, redis_client: aioredis.Redis, files: FileServer
+    spawn: Spawn, make_config: MakeConfig, redis_client: StrRedis, files: FileServer
 ) -> None:
     """A notifier stopped by SIGTERM with callbacks still held past its grace exits 0 with its
     liveness key already deleted (no lapse to wait for); another notifier delivers them."""
@@ -359,7 +359,7 @@ async def test_sigterm_hands_unsettled_callbacks_over_at_once(
 
 @pytest.mark.timeout(120)
 async def test_a_stopping_notifier_keeps_its_callbacks_through_the_grace(
-    spawn: Spawn, make_config: MakeConfig, redis_client: aioredis.Redis, files: FileServer
+    spawn: Spawn, make_config: MakeConfig, redis_client: StrRedis, files: FileServer
 ) -> None:
     """A notifier given SIGTERM beats on through its grace: callbacks it finishes 7 s later
     (past the 5 s lapse) are recorded by it, once, and no other notifier takes one."""

@@ -8,8 +8,8 @@ from typing import Any
 
 import aiohttp
 
+from harness.servers import CallbackReceiver, FileServer, Reply, free_port, job_request, wait_http
 from tests.conftest import Service
-from tests.servers import CallbackReceiver, FileServer, Reply, free_port, job_request, wait_http
 
 
 async def test_run_mode_metrics_cover_every_role(

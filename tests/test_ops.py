@@ -23,7 +23,7 @@ import yaml
 
 from downloader.config import Config, load_config
 from downloader.filestore import FileStore
-from tests.servers import free_port, wait_http
+from harness.servers import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ROOT / "ops"
@@ -70,7 +70,7 @@ def mounted_file(service: dict[str, Any], target: str) -> Path:
         source, dest = volume.split(":")[:2]
         if dest == target:
             assert source.startswith("./"), f"{target} is a bind mount of a file in ops/"
-            return OPS / source
+            return Path(OPS / str(source))
     raise AssertionError(f"nothing is mounted at {target}")
 
 

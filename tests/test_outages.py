@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from downloader.embedded import EmbeddedRedis
-from tests.servers import CallbackReceiver, FileServer, Reply, free_port
+from harness.servers import CallbackReceiver, FileServer, Reply, free_port
 
 
 class DurableRedis(EmbeddedRedis):

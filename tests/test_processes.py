@@ -14,13 +14,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from downloader.config import Config
 from downloader.storage import Keys
+from harness.redis_nodes import StrRedis
+from harness.servers import CallbackReceiver, HoldingReceiver, _Server, free_port, wait_http
 from tests.conftest import Proc
-from tests.servers import CallbackReceiver, HoldingReceiver, _Server, free_port, wait_http
 
 BODY = b"0123456789abcdef" * 256  # 4 KiB of text/plain
 MakeConfig = Callable[..., tuple[Path, Config]]
@@ -99,7 +99,7 @@ class Origin(_Server):
 class EventTail:
     """Follows the global event stream (blocking XREAD): every job's events, in order."""
 
-    def __init__(self, r: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, r: StrRedis, keys: Keys) -> None:
         self.r, self.key = r, keys.events
         self.last = "0-0"
         self.jobs: dict[str, list[tuple[str, dict[str, Any], int]]] = defaultdict(list)
@@ -169,7 +169,7 @@ async def start_api(spawn: Spawn, config_path: Path) -> str:
     return api
 
 
-async def live_processors(r: aioredis.Redis, keys: Keys, count: int) -> list[str]:
+async def live_processors(r: StrRedis, keys: Keys, count: int) -> list[str]:
     """Wait (a bounded poll: other OS processes starting) until `count` processors publish stats."""
     deadline = time.monotonic() + 15
     while True:
@@ -182,7 +182,7 @@ async def live_processors(r: aioredis.Redis, keys: Keys, count: int) -> list[str
         await asyncio.sleep(0.05)
 
 
-async def processor_stats(r: aioredis.Redis, keys: Keys) -> list[dict[str, str]]:
+async def processor_stats(r: StrRedis, keys: Keys) -> list[dict[str, str]]:
     """The stats each live processor process published last."""
     members = await r.zrange(keys.instances, 0, -1)
     ids = [m.split(":", 1)[1] for m in members if m.startswith("processor:")]
@@ -203,7 +203,7 @@ async def test_aggregation_cap_holds_across_two_processor_processes(
     make_config: MakeConfig,
     origin_factory: Callable[..., Any],
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     http: aiohttp.ClientSession,
 ) -> None:
     """Two processor processes of 2 workers each (room for 4) never run more than the
@@ -244,7 +244,7 @@ async def test_processor_stats_count_every_success_it_recorded(
     make_config: MakeConfig,
     origin_factory: Callable[..., Any],
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
 ) -> None:
     """A processor's `successes` counter equals the download.succeeded events it wrote."""
     origin: Origin = await origin_factory()
@@ -278,7 +278,7 @@ async def test_sigkilled_processor_loses_no_job(
     make_config: MakeConfig,
     origin_factory: Callable[..., Any],
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     http: aiohttp.ClientSession,
 ) -> None:
     """Jobs of a processor killed mid-download are requeued when the lease expires, and finished."""
@@ -328,7 +328,7 @@ async def test_sigterm_hands_a_stuck_download_back_at_once(
     make_config: MakeConfig,
     origin_factory: Callable[..., Any],
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     http: aiohttp.ClientSession,
 ) -> None:
     """SIGTERM exits 0 after the grace and requeues ("shutdown") a stuck download, without
@@ -379,7 +379,7 @@ async def test_draining_processor_keeps_its_leases_through_the_grace(
     make_config: MakeConfig,
     origin_factory: Callable[..., Any],
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     http: aiohttp.ClientSession,
 ) -> None:
     """A download that finishes within the shutdown grace is finished by its processor, not
@@ -414,7 +414,7 @@ async def test_sigkilled_notifier_callbacks_are_reclaimed_and_delivered(
     spawn: Spawn,
     make_config: MakeConfig,
     origin_factory: Callable[..., Any],
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     http: aiohttp.ClientSession,
 ) -> None:
     """Callbacks a killed notifier was delivering are taken over by a notifier started after it
@@ -463,7 +463,7 @@ async def test_run_under_load_one_final_callback_per_job_and_caps_hold(
     make_config: MakeConfig,
     origin_factory: Callable[..., Any],
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     http: aiohttp.ClientSession,
 ) -> None:
     """`downloader run`: 300 jobs over 5 aggregations, a third succeeding, each gets exactly one

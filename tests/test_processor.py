@@ -9,8 +9,8 @@ from typing import Any
 from aiohttp import web
 
 from downloader.processor import HAND_ON_CHAIN
+from harness.servers import CallbackReceiver, FileServer, free_port, job_request, until
 from tests.conftest import Service
-from tests.servers import CallbackReceiver, FileServer, free_port, job_request, until
 
 
 class SlowOrigin:

@@ -19,12 +19,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from downloader.config import Config
 from downloader.embedded import AddressInUse, EmbeddedRedis
+from harness.redis_nodes import StrRedis
+from harness.servers import CallbackReceiver, FileServer, free_port, until, wait_http
 from tests.conftest import ROOT, Proc, Service
-from tests.servers import CallbackReceiver, FileServer, free_port, until, wait_http
 
 MakeConfig = Callable[..., tuple[Path, Config]]
 Spawn = Callable[..., Proc]
@@ -66,7 +66,7 @@ def text_lines(proc: Proc) -> list[str]:
 
 
 async def test_embedding_where_a_redis_answers_is_refused_naming_it(
-    redis_server: EmbeddedRedis, redis_client: aioredis.Redis, tmp_path: Path
+    redis_server: EmbeddedRedis, redis_client: StrRedis, tmp_path: Path
 ) -> None:
     """An embedded Redis is refused on a port where another Redis answers; that one is named and
     its data left alone."""

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from downloader.errors import PermanentError, TransientError
 from downloader.s3store import classify_s3_error
+from harness.moto_server import REGION, MotoServer
+from harness.redis_nodes import StrRedis
+from harness.servers import CallbackReceiver, FileServer, TcpRelay, job_request, until
 from tests.conftest import Service
 from tests.images import png
-from tests.servers import CallbackReceiver, FileServer, TcpRelay, job_request, until
-from tests.support.moto_server import REGION, MotoServer
 
 ServiceFactory = Callable[..., Any]
 PREFIX = "dl/"
@@ -103,7 +103,7 @@ async def test_job_with_bucket_and_callback_is_uploaded_and_called_back(
     bucket: str,
     files: FileServer,
     receiver: CallbackReceiver,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
 ) -> None:
     """A job naming a bucket lands in s3://<bucket>/<key_prefix><id> with its sniffed
     Content-Type, nothing stays on local disk, and the callback points at the s3:// URI."""
@@ -164,7 +164,7 @@ async def test_job_with_bucket_and_no_callback_is_uploaded_without_any_callback(
     moto: MotoServer,
     bucket: str,
     files: FileServer,
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
 ) -> None:
     """A job with a bucket and no callback is uploaded, never queued for a callback, shows
     callback_state NotRequested, settles, refuses /retry, and rebuilds to the same projection."""
@@ -514,7 +514,7 @@ BAD = [
 ]
 
 
-async def data_keys(redis_client: aioredis.Redis) -> list[str]:
+async def data_keys(redis_client: StrRedis) -> list[str]:
     """Every key but the instances' heartbeats (each API instance announces itself)."""
     keys = await redis_client.keys("*")
     return sorted(k for k in keys if not k.startswith("dl:stats:") and k != "dl:instances")
@@ -522,7 +522,7 @@ async def data_keys(redis_client: aioredis.Redis) -> list[str]:
 
 @pytest.mark.parametrize(("body", "field"), BAD)
 async def test_invalid_s3_fields_are_400_naming_the_field_and_store_nothing(
-    s3_api: Service, redis_client: aioredis.Redis, body: dict[str, Any], field: str
+    s3_api: Service, redis_client: StrRedis, body: dict[str, Any], field: str
 ) -> None:
     """A bad s3_bucket or s3_region answers 400 naming the field, and Redis stays untouched."""
     status, answer = await s3_api.post("/download", body)
@@ -533,7 +533,7 @@ async def test_invalid_s3_fields_are_400_naming_the_field_and_store_nothing(
 
 @pytest.mark.parametrize("callback", [False, True], ids=["no-callback", "with-callback"])
 async def test_bucket_on_a_service_without_s3_is_400(
-    service_factory: ServiceFactory, redis_client: aioredis.Redis, callback: bool
+    service_factory: ServiceFactory, redis_client: StrRedis, callback: bool
 ) -> None:
     """With s3.enabled false (the default) a job naming a bucket is refused, naming s3_bucket."""
     api = await service_factory(None, {"api"})
@@ -549,7 +549,7 @@ async def test_bucket_on_a_service_without_s3_is_400(
 
 @pytest.mark.parametrize("name", ["good-bucket", "media.example.com"])
 async def test_allowed_bucket_without_callback_is_accepted(
-    s3_api: Service, redis_client: aioredis.Redis, name: str
+    s3_api: Service, redis_client: StrRedis, name: str
 ) -> None:
     """A listed bucket with a valid region and no callback is accepted (201) and stored."""
     job_id = await s3_api.submit(**base(s3_bucket=name, s3_region="us-gov-west-1"))
@@ -562,7 +562,7 @@ async def test_allowed_bucket_without_callback_is_accepted(
 
 
 async def test_aborting_a_job_without_callback_queues_no_callback(
-    s3_api: Service, redis_client: aioredis.Redis
+    s3_api: Service, redis_client: StrRedis
 ) -> None:
     """DELETE /jobs/{id} of a job without a callback fails it, queues nothing, and settles it."""
     job_id = await s3_api.submit(**base(s3_bucket="good-bucket", s3_region=REGION))

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
+from harness.moto_server import REGION, MotoServer
+from harness.redis_nodes import StrRedis
+from harness.servers import CallbackReceiver, FileServer, Reply, TcpRelay, job_request, until
 from tests.conftest import Service
-from tests.servers import CallbackReceiver, FileServer, Reply, TcpRelay, job_request, until
-from tests.support.moto_server import REGION, MotoServer
 from tests.test_s3 import events_of, get_object, make_bucket, object_keys
 
 ServiceFactory = Callable[..., Any]
@@ -198,7 +198,7 @@ HOSTILE_EXTRA = [
 
 @pytest.mark.parametrize("extra", HOSTILE_EXTRA)
 async def test_extra_that_cannot_be_header_material_is_refused_with_a_bucket(
-    svc: Service, redis_client: aioredis.Redis, bucket: str, extra: str
+    svc: Service, redis_client: StrRedis, bucket: str, extra: str
 ) -> None:
     """With s3_bucket, an extra whose keys or values could not travel as x-amz-meta-* headers
     (CR/LF, spaces, non-ASCII, over S3's 2 KB) is a 400 naming extra, and nothing is stored;

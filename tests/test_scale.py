@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from downloader.config import Config
 from downloader.storage import Keys
+from harness.redis_nodes import StrRedis
 from harness.scale import GatedOrigin, wait_succeeded
+from harness.servers import CallbackReceiver
 from tests.conftest import Proc, Service
-from tests.servers import CallbackReceiver
 
 JOBS = 300
 AGGREGATIONS = 30
@@ -27,7 +27,7 @@ PROCESSORS = 3
 async def test_three_processors_share_a_backlog_within_the_caps(
     make_config: Callable[..., tuple[Path, Config]],
     service_factory: Callable[..., Awaitable[Service]],
-    redis_client: aioredis.Redis,
+    redis_client: StrRedis,
     receiver: CallbackReceiver,
     spawn: Callable[..., Proc],
 ) -> None:

@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from harness.servers import CallbackReceiver, FileServer, Reply
 from tests.conftest import Service
-from tests.servers import CallbackReceiver, FileServer, Reply
 
 ServiceFactory = Callable[..., Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -6,11 +6,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from downloader.models import parse_download_request
 from downloader.storage import Storage, connect
 from downloader.vocabulary import DownloadOutcome, DownloadState
+from harness.redis_nodes import StrRedis
 
 
 async def new_storage(make_config: Any) -> Storage:
@@ -41,7 +40,7 @@ SUCCEEDED = {  # the data of a download.succeeded event
 
 
 async def test_lua_builds_the_same_key_names_as_python(
-    make_config: Any, redis_client: aioredis.Redis
+    make_config: Any, redis_client: StrRedis
 ) -> None:
     """Every key a script writes for a job and its aggregation is one storage.Keys names."""
     storage = await new_storage(make_config)

@@ -38,7 +38,7 @@ LOG4J_VERSION = "2.25.5"
 
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 MIN_JAVA = 17
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL_LINES = 50
 
 _QUIET_CLIENT: dict[str, Any] = {

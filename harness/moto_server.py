@@ -14,7 +14,7 @@ from typing import Any
 import boto3
 from botocore.config import Config as BotoConfig
 
-from tests.servers import free_port
+from harness.servers import free_port
 
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key"
