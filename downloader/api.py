@@ -37,6 +37,9 @@ ACCEPTED = web.AppKey("accepted", list[int])  # one cell: jobs this API instance
 
 _MAX_FIELDS = {"maxWorkerPools", "maxWorkers"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PUBLIC_PATHS = frozenset({"/hb", "/"})
+"""Answered without a token: the heartbeat, and the dashboard page (static HTML holding no data;
+its script sends the `?token=` of the page's URL as a bearer token with every request)."""
 
 
 def _dumps(obj: Any) -> str:
@@ -86,7 +89,7 @@ def auth_middleware(tokens: list[str]) -> Any:
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/hb" and request.headers.get("Authorization") not in allowed:
+        if request.path not in PUBLIC_PATHS and request.headers.get("Authorization") not in allowed:
             return _error(401, "a valid bearer token is required (Authorization: Bearer <token>)")
         return await handler(request)
 

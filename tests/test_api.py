@@ -492,14 +492,14 @@ PROTECTED = [
     ("GET", "/stats/processor"),
     ("GET", "/stats/notifier"),
     ("GET", "/metrics"),
-    ("GET", "/"),
 ]
 
 
 async def test_tokens_guard_every_endpoint_but_hb(
     service_factory: ServiceFactory, redis_client: StrRedis
 ) -> None:
-    """With api.tokens set, every endpoint but /hb answers 401 JSON without a valid bearer token."""
+    """With api.tokens set, every endpoint but /hb and the dashboard page answers 401 JSON
+    without a valid bearer token; the page itself holds no data."""
     svc = await service_factory({"api": {"tokens": ["t0ken-a", "t0ken-b"]}}, {"api"})
     bad_headers: list[dict[str, str]] = [
         {},
@@ -516,6 +516,8 @@ async def test_tokens_guard_every_endpoint_but_hb(
             assert "token" in json.loads(raw)["error"]
     assert await data_keys(redis_client) == []
     assert (await request(svc, "GET", "/hb"))[0] == 200
+    status, content_type, page = await request(svc, "GET", "/?token=t0ken-a")
+    assert (status, content_type) == (200, "text/html") and b"Authorization" in page
 
     for token in ("t0ken-a", "t0ken-b"):
         auth = {"Authorization": f"Bearer {token}"}
