@@ -86,7 +86,7 @@ async def wait_succeeded(
         remaining_ms = int((deadline - time.monotonic()) * 1000)
         if remaining_ms <= 0:
             raise TimeoutError(f"only {len(succeeded)} of {count} downloads succeeded")
-        res = await r.xread({keys.events: after}, count=1000, block=remaining_ms)
+        res = await r.xread({keys.events: after}, count=1000, block=min(remaining_ms, 5000))
         for _stream, entries in res or []:
             for entry_id, fields in entries:
                 after = entry_id

@@ -177,7 +177,9 @@ class Service:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"job {job_id} never got there: {job}")
-            res = await self.storage.r.xread({key: last}, block=max(1, int(remaining * 1000)))
+            # at most 5 s a read, like the service's own: the client's socket_timeout is 15 s
+            block_ms = max(1, min(5000, int(remaining * 1000)))
+            res = await self.storage.r.xread({key: last}, block=block_ms)
             for _s, entries in res or []:
                 last = entries[-1][0]
 
