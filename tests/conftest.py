@@ -30,7 +30,7 @@ from downloader.notifier import Notifier
 from downloader.processor import Processor
 from downloader.storage import Storage, connect
 from harness.redis_nodes import SentinelGroup, StrRedis
-from harness.servers import CallbackReceiver, FileServer, ForwardProxy, free_port
+from harness.servers import CallbackReceiver, FileServer, ForwardProxy, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -266,6 +266,15 @@ class Proc:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+async def start_api(spawn: Callable[..., Proc], config_path: Path) -> str:
+    """A spawned `downloader api` on a free port, once it answers; returns its base URL."""
+    port = free_port()
+    spawn("api", config_path, port)
+    api = f"http://127.0.0.1:{port}"
+    await wait_http(f"{api}/hb")
+    return api
 
 
 @pytest.fixture

@@ -24,12 +24,10 @@ from harness.servers import (
     FileServer,
     HoldingReceiver,
     TcpRelay,
-    free_port,
     job_request,
     until,
-    wait_http,
 )
-from tests.conftest import Proc
+from tests.conftest import Proc, start_api
 
 MakeConfig = Callable[..., tuple[Path, Config]]
 Spawn = Callable[..., Proc]
@@ -80,14 +78,6 @@ async def until_async(check: Callable[[], Any], timeout_s: float) -> None:
     while not await check():
         assert time.monotonic() < deadline, "never got there"
         await asyncio.sleep(0.05)
-
-
-async def start_api(spawn: Spawn, path: Path) -> str:
-    port = free_port()
-    spawn("api", path, port)
-    api = f"http://127.0.0.1:{port}"
-    await wait_http(f"{api}/hb")
-    return api
 
 
 async def submit_jobs(api: str, files: FileServer, callback: str, n: int) -> list[str]:

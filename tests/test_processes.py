@@ -20,7 +20,7 @@ from downloader.config import Config
 from downloader.storage import Keys
 from harness.redis_nodes import StrRedis
 from harness.servers import CallbackReceiver, HoldingReceiver, _Server, free_port, wait_http
-from tests.conftest import Proc
+from tests.conftest import Proc, start_api
 
 BODY = b"0123456789abcdef" * 256  # 4 KiB of text/plain
 MakeConfig = Callable[..., tuple[Path, Config]]
@@ -159,14 +159,6 @@ def job(origin: Origin, aggr: str, name: str, callback: str, **extra: Any) -> di
         "callback_dst": callback,
         **extra,
     }
-
-
-async def start_api(spawn: Spawn, config_path: Path) -> str:
-    port = free_port()
-    spawn("api", config_path, port)
-    api = f"http://127.0.0.1:{port}"
-    await wait_http(f"{api}/hb")
-    return api
 
 
 async def live_processors(r: StrRedis, keys: Keys, count: int) -> list[str]:
