@@ -105,7 +105,7 @@ async def post_download(request: web.Request) -> web.Response:
     except RecursionError:
         raise ValidationFailed("body", "the body is nested too deeply") from None
     config = request.app[CONFIG]
-    req = parse_download_request(body, config.s3)
+    req = parse_download_request(body, config)
     fields = req.job_fields(config.processor.max_retries)
     key = _idempotency_key(request)
     fingerprint = (

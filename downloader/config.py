@@ -282,9 +282,34 @@ class BackendsConfig(_Section):
     kafka: dict[str, Any] | None = None
 
 
+DEFAULT_SECRET_QUERY_PARAMS = (
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "api_key",
+    "apikey",
+    "key",
+    "password",
+    "secret",
+    "sig",
+    "signature",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+)
+
+
 class SecurityConfig(_Section):
     allow_private_networks: bool = False
     allowed_networks: list[str] = []
+    secret_headers: list[str] = []
+    """Request header names that carry secrets, besides Authorization, Proxy-Authorization,
+    Cookie and Set-Cookie (always secret): never shown, and dropped on a cross-origin redirect."""
+    secret_query_params: list[str] = list(DEFAULT_SECRET_QUERY_PARAMS)
+    """URL query parameters whose values are secrets (case-insensitive): never shown."""
 
     @field_validator("allowed_networks")
     @classmethod

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from downloader.config import REGION_MAX, S3Config, is_bucket_name, is_region_name
+from downloader.config import REGION_MAX, Config, S3Config, is_bucket_name, is_region_name
 from downloader.errors import ValidationFailed
 from downloader.mime import MimePattern
 from downloader.s3store import user_metadata
@@ -241,6 +242,12 @@ def check_s3_policy(req: DownloadRequest, s3: S3Config) -> None:
         )
 
 
+POLICIES: tuple[Callable[[DownloadRequest, Config], None], ...] = (
+    lambda req, config: check_s3_policy(req, config.s3),
+)
+"""The deployment's rules on a well-formed request, in order: each raises ValidationFailed."""
+
+
 def _wrap(field: str, url: str) -> None:
     try:
         _check_http_url(url)
@@ -259,11 +266,14 @@ _TYPE_WORDS = {
 }
 
 
-def parse_download_request(body: Any, s3: S3Config | None = None) -> DownloadRequest:
-    """Validate a decoded JSON body against the rules and, given `s3`, the S3 policy; raises
-    ValidationFailed naming the first bad field."""
+def parse_download_request(body: Any, config: Config | None = None) -> DownloadRequest:
+    """Validate a decoded JSON body against the rules, then against the service's policies
+    (`config`: what this deployment allows); raises ValidationFailed naming the first bad
+    field."""
     req = _parse(body)
-    check_s3_policy(req, s3 or S3Config())
+    config = config or Config()
+    for check in POLICIES:
+        check(req, config)
     return req
 
 

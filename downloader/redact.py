@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["url_without_password"]
+__all__ = ["ALWAYS_SECRET_HEADERS", "is_secret_header", "url_without_password"]
+
+ALWAYS_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+
+
+def is_secret_header(name: str, configured: Iterable[str] = ()) -> bool:
+    """Whether request header `name` carries a secret (case-insensitive): the four that always
+    do, and those configured in `security.secret_headers`."""
+    lowered = name.lower()
+    return lowered in ALWAYS_SECRET_HEADERS or lowered in {c.lower() for c in configured}
 
 
 def url_without_password(url: str) -> str:
