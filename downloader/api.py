@@ -7,6 +7,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
@@ -18,13 +19,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from downloader import metrics
 from downloader.config import Config
-from downloader.errors import JobNotFound, RequestRefused, StorageUnavailable, ValidationFailed
+from downloader.errors import (
+    Forbidden,
+    JobNotFound,
+    RateLimited,
+    RequestRefused,
+    StorageUnavailable,
+    TooManyRequests,
+    ValidationFailed,
+)
 from downloader.heartbeat import new_instance_id, publish_stats
 from downloader.ids import is_job_id, new_job_id
 from downloader.log import get_logger
 from downloader.models import parse_download_request
+from downloader.redact import seal
 from downloader.resilience import forever
 from downloader.storage import Storage
+from downloader.tenants import ANONYMOUS, Tenant, Tenants
 from downloader.vocabulary import EventType
 
 __all__ = ["STORAGE", "build_app"]
@@ -34,6 +45,8 @@ log = get_logger(__name__)
 STORAGE = web.AppKey("storage", Storage)
 CONFIG = web.AppKey("config", Config)
 ACCEPTED = web.AppKey("accepted", list[int])  # one cell: jobs this API instance accepted
+TENANTS = web.AppKey("tenants", Tenants)
+TENANT = web.RequestKey("tenant", Tenant)
 
 _MAX_FIELDS = {"maxWorkerPools", "maxWorkers"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -60,7 +73,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except RequestRefused as exc:
-        return _error(exc.status, str(exc), field=exc.field)
+        resp = _error(exc.status, str(exc), field=exc.field)
+        if isinstance(exc, TooManyRequests):
+            resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return resp
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[CONFIG].api.max_body_bytes
         return _error(413, f"the body is larger than {limit} bytes")
@@ -84,16 +100,41 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(500, "internal error")
 
 
-def auth_middleware(tokens: list[str]) -> Any:
-    allowed = {f"Bearer {t}" for t in tokens}
+def tenant_of(request: web.Request) -> Tenant:
+    """Who is asking (set by the auth middleware: the anonymous admin when no token is set)."""
+    return request[TENANT] if TENANT in request else ANONYMOUS
 
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS and request.headers.get("Authorization") not in allowed:
-            return _error(401, "a valid bearer token is required (Authorization: Bearer <token>)")
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Resolve the bearer token to its tenant (401 without a valid one, when tokens are set),
+    and take the request from the tenant's rate (429 over it)."""
+    tenants = request.app[TENANTS]
+    if request.path in PUBLIC_PATHS:
         return await handler(request)
+    tenant = tenants.authenticate(request.headers.get("Authorization"))
+    if tenant is None:
+        return _error(
+            401,
+            "a valid bearer token is required (Authorization: Bearer <token>)",
+            field="Authorization",
+        )
+    if tenant.rate_per_second:
+        wait_ms = await request.app[STORAGE].take_request(tenant.name, tenant.rate_per_second)
+        if wait_ms:
+            raise RateLimited(wait_ms, tenant.rate_per_second)
+    request[TENANT] = tenant
+    return await handler(request)
 
-    return check
+
+def _may_submit(tenant: Tenant) -> None:
+    if not tenant.may_submit:
+        raise Forbidden(f"this token ({tenant.name}, role {tenant.role}) may only read")
+
+
+def _admin_only(tenant: Tenant) -> None:
+    if not tenant.is_admin:
+        raise Forbidden(f"this token ({tenant.name}) may not read service-wide figures")
 
 
 async def post_download(request: web.Request) -> web.Response:
@@ -105,9 +146,18 @@ async def post_download(request: web.Request) -> web.Response:
     except RecursionError:
         raise ValidationFailed("body", "the body is nested too deeply") from None
     config = request.app[CONFIG]
+    tenant = tenant_of(request)
+    _may_submit(tenant)
     req = parse_download_request(body, config)
-    fields = req.job_fields(config.processor.max_retries)
+    if not tenant.owns(req.aggr_id):
+        raise ValidationFailed(
+            "aggr_id", f"aggr_id must start with {tenant.aggr_prefix!r} (this token's aggr_prefix)"
+        )
+    fields = req.job_fields(config.processor.max_retries, tenant.name)
+    shown, sealed = seal(fields, config.security)
     key = _idempotency_key(request)
+    if key and tenant.scope:  # one tenant's keys never meet another's
+        key = f"{tenant.scope}:{key}"
     fingerprint = (
         hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest() if key else ""
     )
@@ -115,7 +165,15 @@ async def post_download(request: web.Request) -> web.Response:
     # One id per request: if redis-py resends the script after a lost reply, the second run
     # finds the job already there, which means this request was accepted.
     job_id, replayed = await request.app[STORAGE].enqueue(
-        new_job_id(), fields, key, fingerprint, window_ms
+        new_job_id(),
+        shown,
+        key,
+        fingerprint,
+        window_ms,
+        proxy=fields["aggr_proxy"],
+        sealed=sealed,
+        scope=request.app[TENANTS].owner_of(req.aggr_id),
+        max_aggregations=config.api.max_aggregations_per_tenant,
     )
     if replayed:
         return json_response({"id": job_id}, status=201, headers={"Idempotent-Replayed": "true"})
@@ -141,9 +199,19 @@ def _job_id(request: web.Request) -> str:
     return job_id
 
 
+async def _visible_job_id(request: web.Request) -> str:
+    """The job id of the path, if the job exists for the asking tenant (else JobNotFound)."""
+    job_id = _job_id(request)
+    tenant = tenant_of(request)
+    if not tenant.is_admin and not tenant.sees(await request.app[STORAGE].tenant_of(job_id)):
+        raise JobNotFound(job_id)
+    return job_id
+
+
 async def abort_job(request: web.Request) -> web.Response:
     """DELETE /jobs/{id}: cancel a pending or running download; a failure callback follows."""
-    job_id = _job_id(request)
+    _may_submit(tenant_of(request))
+    job_id = await _visible_job_id(request)
     event_id = await request.app[STORAGE].abort(job_id, "cancelled by request")
     return json_response({"id": job_id, "download_state": "Failed", "event_id": event_id})
 
@@ -161,19 +229,51 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 
 async def retry_callback(request: web.Request) -> web.Response:
-    job_id = _job_id(request)
+    _may_submit(tenant_of(request))
+    job_id = await _visible_job_id(request)
     await request.app[STORAGE].requeue_callback(job_id)
     return json_response({"id": job_id, "callback_state": "Pending"}, status=201)
 
 
+def _page(request: web.Request, most: int) -> tuple[int, int]:
+    """`?limit=&offset=` of a listing: (limit, offset); limit at most `most` (the default)."""
+    out = []
+    for name, default in (("limit", most), ("offset", 0)):
+        raw = request.query.get(name)
+        if raw is None:
+            out.append(default)
+            continue
+        if not raw.isdigit() or len(raw) > 9:
+            raise ValidationFailed(name, f"{name} must be a whole number >= 0")
+        out.append(int(raw))
+    limit, offset = out
+    if not 1 <= limit <= most:
+        raise ValidationFailed("limit", f"limit must be between 1 and {most}")
+    return limit, offset
+
+
 async def aggregations(request: web.Request) -> web.Response:
-    rows = await request.app[STORAGE].pending_aggregations()
-    return json_response([{"name": f"jobs:{name}", "size": size} for name, size in rows])
+    """The original's list (`[{"name": "jobs:<aggr_id>", "size": <waiting>}]`, most waiting
+    first), bounded: at most api.aggregations_page_limit entries; `?limit=&offset=` page through
+    the rest, `X-Total-Count` says how many there are and `Link` where the next page is. A
+    tenant sees its own aggregations only."""
+    storage = request.app[STORAGE]
+    limit, offset = _page(request, request.app[CONFIG].api.aggregations_page_limit)
+    scope = tenant_of(request).scope
+    rows = await storage.pending_aggregations(limit, offset, scope)
+    total = await storage.count_pending_aggregations(scope)
+    resp = json_response([{"name": f"jobs:{name}", "size": size} for name, size in rows])
+    resp.headers["X-Total-Count"] = str(total)
+    if offset + len(rows) < total:
+        resp.headers["Link"] = (
+            f'<{request.path}?limit={limit}&offset={offset + len(rows)}>; rel="next"'
+        )
+    return resp
 
 
 async def aggregation_details(request: web.Request) -> web.Response:
     storage = request.app[STORAGE]
-    rows = await storage.pending_aggregations(limit=200)
+    rows = await storage.pending_aggregations(limit=200, scope=tenant_of(request).scope)
     details = await storage.aggregation_details([name for name, _ in rows])
     for d, (_name, size) in zip(details, rows, strict=True):
         d["pending"] = size
@@ -190,6 +290,7 @@ def _sum_stats(rows: list[dict[str, str]]) -> dict[str, int]:
 
 
 async def processor_stats(request: web.Request) -> web.Response:
+    _admin_only(tenant_of(request))
     rows = await request.app[STORAGE].read_stats("processor")
     base = dict.fromkeys(
         (
@@ -207,34 +308,45 @@ async def processor_stats(request: web.Request) -> web.Response:
 
 
 async def notifier_stats(request: web.Request) -> web.Response:
+    _admin_only(tenant_of(request))
     rows = await request.app[STORAGE].read_stats("notifier")
     base = {"successfulCallbacks": 0, "failedCallbacks": 0}
     return json_response({**base, **_sum_stats(rows), "instances": len(rows)})
 
 
 async def instances(request: web.Request) -> web.Response:
+    _admin_only(tenant_of(request))
     return json_response(await request.app[STORAGE].live_instances())
 
 
 async def get_job(request: web.Request) -> web.Response:
     job = await request.app[STORAGE].get_job(_job_id(request))
+    if not tenant_of(request).sees(job.tenant):
+        raise JobNotFound(job.id)
     return json_response(job.as_json())
 
 
 async def get_events(request: web.Request) -> web.Response:
-    events = await request.app[STORAGE].get_events(_job_id(request))
+    events = await request.app[STORAGE].get_events(await _visible_job_id(request))
     return json_response({"events": [e.as_json() for e in events]})
 
 
 async def recent_failures(request: web.Request) -> web.Response:
-    """The latest failed downloads and callbacks, from the tail of the global event stream."""
-    rows = await request.app[STORAGE].recent_events(
-        (EventType.DOWNLOAD_FAILED, EventType.CALLBACK_FAILED), 20
+    """The latest failed downloads and callbacks (of the asking tenant's jobs), from the tail of
+    the global event stream."""
+    storage = request.app[STORAGE]
+    tenant = tenant_of(request)
+    rows = await storage.recent_events(
+        (EventType.DOWNLOAD_FAILED, EventType.CALLBACK_FAILED), 20 if tenant.is_admin else 200
     )
+    if not tenant.is_admin:
+        owners = await storage.tenants_of([e.job_id for e in rows])
+        rows = [e for e in rows if owners.get(e.job_id) == tenant.name][:20]
     return json_response([e.as_json() for e in rows])
 
 
-async def prometheus(_request: web.Request) -> web.Response:
+async def prometheus(request: web.Request) -> web.Response:
+    _admin_only(tenant_of(request))
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -268,12 +380,11 @@ async def _announce(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(config: Config, storage: Storage, serve_files: bool = False) -> web.Application:
     """The aiohttp application; `storage` is owned (closed) by the caller."""
-    middlewares = [errors_middleware]
-    if config.api.tokens:
-        middlewares.append(auth_middleware(config.api.tokens))
+    middlewares = [errors_middleware, auth_middleware]
     app = web.Application(client_max_size=config.api.max_body_bytes, middlewares=middlewares)
     app[STORAGE] = storage
     app[CONFIG] = config
+    app[TENANTS] = Tenants(config.api)
     app[ACCEPTED] = [0]
     app.cleanup_ctx.append(_announce)
     app.router.add_post("/download", post_download)

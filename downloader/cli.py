@@ -33,6 +33,7 @@ from downloader.netguard import NetworkPolicy
 from downloader.notifier import Notifier
 from downloader.processor import Processor
 from downloader.storage import Storage, connect
+from downloader.tenants import Tenants
 
 __all__ = ["main"]
 
@@ -48,6 +49,7 @@ def make_backends(config: Config) -> dict[str, Backend]:
             policy,
             config.notifier.signing_secret,
             config.notifier.concurrency,
+            Tenants(config.api).signing_secrets(),
         )
     if config.backends.kafka is not None:
         from downloader.backends.kafka import KafkaBackend

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -12,7 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -135,16 +138,111 @@ class RedisConfig(_Section):
         return _host_port(self.addr, 6379)
 
 
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _signing_secret(v: str | None) -> str | None:
+    if v is not None and not v.startswith("whsec_"):
+        raise ValueError("must look like whsec_<base64>")
+    return v
+
+
+class TokenConfig(_Section):
+    """One API token and what it may do: an entry of `api.tokens` (a plain string there is an
+    admin token, as before tenants existed)."""
+
+    name: str
+    """The tenant: its jobs record it; 1-64 of letters, digits, `.`, `_`, `-`."""
+    token: str | None = Field(None, min_length=1)
+    sha256: str | None = None
+    """The token's SHA-256, hex: the file then holds no usable secret."""
+    role: Literal["admin", "submit", "read"] = "submit"
+    aggr_prefix: str = Field("", max_length=128)
+    """Every aggregation of this tenant starts with it (required unless the role is admin)."""
+    signing_secret: str | None = None
+    """`whsec_...`: this tenant's callbacks are signed with it (else notifier.signing_secret)."""
+    rate_per_second: float | None = Field(None, gt=0)
+    """Requests per second this token may make (a token bucket one second deep); none: no limit."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _TENANT_NAME.match(v):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with one")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA256_HEX.match(v.lower()):
+            raise ValueError("must be 64 hex digits (sha256sum of the token)")
+        return v.lower() if v else v
+
+    @field_validator("aggr_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if re.search(r"[\x00-\x1f\x7f]", v):
+            raise ValueError("must not hold control characters")
+        return v
+
+    _whsec = field_validator("signing_secret")(_signing_secret)
+
+    @model_validator(mode="after")
+    def _one_secret_and_a_prefix(self) -> TokenConfig:
+        if (self.token is None) == (self.sha256 is None):
+            raise ValueError(f"token {self.name!r}: give exactly one of token and sha256")
+        if self.role != "admin" and not self.aggr_prefix:
+            raise ValueError(
+                f"token {self.name!r}: a {self.role} token needs an aggr_prefix (its "
+                "aggregations are those starting with it)"
+            )
+        return self
+
+
+TokenEntry = Annotated[
+    Annotated[str, Tag("str")] | Annotated[TokenConfig, Tag("object")],
+    Discriminator(lambda v: "str" if isinstance(v, str) else "object"),
+]
+"""An `api.tokens` entry: a plain string (an admin token) or a TokenConfig object."""
+
+
 class ApiConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     heartbeat_path: str = "/tmp/disable-downloader"
     max_body_bytes: int = Field(64 * 1024, gt=0)
-    tokens: list[str] = []
+    tokens: list[TokenEntry] = []
+    """Bearer tokens; when any is set, every endpoint but /hb and the dashboard page needs one.
+    A string is an admin token; an object gives a tenant its name, role and limits."""
     idempotency_window_seconds: float = Field(86_400.0, gt=0)
     """How long an Idempotency-Key maps to its job."""
     serve_files: bool = False
     """Serve the file store under /files/ (for `make run`; use a real web server in production)."""
+    max_extra_bytes: int = Field(8 * 1024, gt=0)
+    """The largest `extra` of a job (UTF-8 bytes): it is stored with the job and sent back."""
+    max_aggregations_per_tenant: int = Field(10_000, gt=0)
+    """Aggregations with unfinished jobs one tenant (or the anonymous caller) may have at once."""
+    aggregations_page_limit: int = Field(1000, gt=0)
+    """The most entries one GET /dashboard/aggregations answers (`?limit=` asks for fewer)."""
+
+    @field_validator("tokens")
+    @classmethod
+    def _tenants(cls, v: list[str | TokenConfig]) -> list[str | TokenConfig]:
+        objects = [t for t in v if isinstance(t, TokenConfig)]
+        names = [t.name for t in objects]
+        if len(set(names)) != len(names):
+            raise ValueError("token names must be unique")
+        if any(isinstance(t, str) and not t for t in v):
+            raise ValueError("a token must not be empty")
+        prefixes = sorted(t.aggr_prefix for t in objects if t.role != "admin")
+        for shorter, longer in itertools.pairwise(prefixes):  # sorted: neighbours suffice
+            if longer.startswith(shorter):
+                raise ValueError(
+                    f"aggr_prefix {shorter!r} contains {longer!r}: two tenants would share "
+                    "aggregations"
+                )
+        return v
 
 
 class FilesystemStorage(_Section):
@@ -265,12 +363,7 @@ class NotifierConfig(_Section):
             raise ValueError("every delay must be >= 0")
         return v
 
-    @field_validator("signing_secret")
-    @classmethod
-    def _whsec(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("whsec_"):
-            raise ValueError("must look like whsec_<base64>")
-        return v
+    _whsec = field_validator("signing_secret")(_signing_secret)
 
 
 class HttpBackendConfig(_Section):
@@ -507,6 +600,8 @@ def _describe(err: ValidationError, source: str) -> str:
         loc = list(e["loc"])
         if loc[:2] == ["processor", "filestorage"] and len(loc) > 3:
             del loc[2]  # pydantic puts the union's tag (filesystem, s3) in the path
+        if loc[:2] == ["api", "tokens"] and len(loc) > 3:
+            del loc[3]  # and the tag of a token entry (str, object)
         key = ".".join(str(p) for p in loc) or "(root)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         msg = msg.removeprefix("Value error, ")

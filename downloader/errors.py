@@ -9,13 +9,17 @@ __all__ = [
     "Conflict",
     "DownloadEnded",
     "DownloaderError",
+    "Forbidden",
     "IdempotencyConflict",
     "JobNotFound",
     "NoCallback",
     "PermanentError",
     "ProxyConflict",
+    "RateLimited",
     "RequestRefused",
     "StorageUnavailable",
+    "TooManyAggregations",
+    "TooManyRequests",
     "TransientError",
     "ValidationFailed",
 ]
@@ -71,6 +75,16 @@ class ValidationFailed(RequestRefused, ValueError):
     """Client input is invalid."""
 
 
+class Forbidden(RequestRefused):
+    """The token may not do this (its role): a `read` token submitting, a tenant asking for
+    service-wide figures."""
+
+    status = 403
+
+    def __init__(self, message: str) -> None:
+        super().__init__("Authorization", message)
+
+
 class JobNotFound(RequestRefused, LookupError):
     """No job with this id (never was, or expired after its retention)."""
 
@@ -109,6 +123,40 @@ class IdempotencyConflict(RequestRefused):
             f"Idempotency-Key was already used for job {job_id} with a different request",
         )
         self.job_id = job_id
+
+
+class TooManyRequests(RequestRefused):
+    """A quota of the caller's is used up for now; `retry_after_s` says when to try again."""
+
+    status = 429
+
+    def __init__(self, field: str, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(field, message)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(TooManyRequests):
+    """The token's request rate (api.tokens rate_per_second) is used up for now."""
+
+    def __init__(self, retry_after_ms: int, rate: float) -> None:
+        super().__init__(
+            "Authorization",
+            f"this token may make {rate:g} requests per second; retry in {retry_after_ms} ms",
+            retry_after_ms / 1000,
+        )
+
+
+class TooManyAggregations(TooManyRequests):
+    """The caller has as many aggregations with unfinished jobs as it may (a new one is
+    refused until one of them drains)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(
+            "aggr_id",
+            f"aggr_id: this caller already has {cap} aggregations with unfinished jobs "
+            "(api.max_aggregations_per_tenant); use one of them or wait until one drains",
+            5.0,
+        )
 
 
 class DownloadEnded(Conflict):

@@ -98,6 +98,7 @@ class Job(_Row):
     request_headers: dict[str, str]
     s3_bucket: str
     s3_region: str
+    tenant: str
     download_state: DownloadState
     callback_state: CallbackState
     download_attempts: int
@@ -167,3 +168,4 @@ class CallbackJob(_Row):
     callback_dst: str
     callback_attempts: int
     outcome_event_id: str
+    tenant: str

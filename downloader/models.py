@@ -209,10 +209,12 @@ class DownloadRequest(BaseModel):
     def callback_target(self) -> str:
         return self.callback_url if self.callback_url is not None else (self.callback_dst or "")
 
-    def job_fields(self, default_max_retries: int) -> dict[str, Any]:
+    def job_fields(self, default_max_retries: int, tenant: str = "") -> dict[str, Any]:
         """The request as stored in the job.accepted event (legacy callback_url normalised;
-        the S3 fields only when given, so other jobs keep their pre-S3 shape and fingerprint)."""
+        the S3 fields and the submitting tenant only when there are some, so other jobs keep
+        their earlier shape and fingerprint)."""
         s3 = {"s3_bucket": self.s3_bucket, "s3_region": self.s3_region} if self.s3_bucket else {}
+        who = {"tenant": tenant} if tenant else {}
         return {
             "aggr_id": self.aggr_id,
             "aggr_limit": self.aggr_limit,
@@ -227,6 +229,7 @@ class DownloadRequest(BaseModel):
             "download_timeout": self.download_timeout or 0,
             "request_headers": {k: str(v) for k, v in self.request_headers.items()},
             **s3,
+            **who,
         }
 
 
@@ -242,7 +245,19 @@ def check_s3_policy(req: DownloadRequest, s3: S3Config) -> None:
         )
 
 
+def check_extra_size(req: DownloadRequest, config: Config) -> None:
+    """`extra` is stored with the job and sent back in its callback: bounded."""
+    size = len(req.extra.encode())
+    if size > config.api.max_extra_bytes:
+        raise ValidationFailed(
+            "extra",
+            f"extra is {size} bytes, over the limit of {config.api.max_extra_bytes} "
+            "(api.max_extra_bytes)",
+        )
+
+
 POLICIES: tuple[Callable[[DownloadRequest, Config], None], ...] = (
+    check_extra_size,
     lambda req, config: check_s3_policy(req, config.s3),
 )
 """The deployment's rules on a well-formed request, in order: each raises ValidationFailed."""

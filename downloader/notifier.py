@@ -23,6 +23,7 @@ from downloader.exporter import EventExporter
 from downloader.heartbeat import Liveness, publish_stats
 from downloader.jobs import CallbackJob
 from downloader.log import get_logger
+from downloader.redact import scrub, secrets_of
 from downloader.resilience import forever
 from downloader.storage import Storage
 from downloader.vocabulary import CallbackOutcome, DownloadState
@@ -61,6 +62,7 @@ class Notifier:
         if not backends:
             raise ValueError("no callback backend configured (backends.http or backends.kafka)")
         self.cfg = config.notifier
+        self.security = config.security
         self.storage = storage
         self.consumer = instance
         self.backends = backends
@@ -244,7 +246,7 @@ class Notifier:
             )
         else:
             result = await backend.deliver(
-                job.id, job.outcome_event_id, job.callback_dst, callback_payload(job)
+                job.id, job.outcome_event_id, job.callback_dst, callback_payload(job), job.tenant
             )
         metrics.CALLBACK_SECONDS.labels(job.callback_type).observe(time.perf_counter() - started)
         data: dict[str, Any] = {"attempt": attempt}
@@ -254,7 +256,10 @@ class Notifier:
         else:
             if not result.permanent:
                 delay_s = callback_retry_delay_s(attempt, self.cfg.retry_schedule_seconds)
-            data["delivery_error"] = result.error
+            # an error sentence may quote the callback URL, whose query may hold a token
+            error = scrub(result.error, secrets_of([job.callback_dst], {}, self.security))
+            result = Delivery(False, error, result.permanent)
+            data["delivery_error"] = error
             if delay_s is None:
                 outcome, delay_ms = CallbackOutcome.FAILED, 0
             else:

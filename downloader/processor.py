@@ -33,6 +33,7 @@ from downloader.jobs import ClaimedJob
 from downloader.log import get_logger
 from downloader.mime import MimePattern
 from downloader.netguard import NetworkPolicy
+from downloader.redact import scrub, secrets_of
 from downloader.resilience import forever
 from downloader.s3store import S3Store, user_metadata
 from downloader.storage import Finish, Storage
@@ -353,7 +354,8 @@ class Processor:
             )
         except (TransientError, PermanentError) as exc:  # fetch and _store left no temp file
             self.stats.responses[exc.response_code] += 1
-            data = {**base, "response_code": exc.response_code, "error": str(exc)}
+            error = scrub(str(exc), self._secrets(job, proxy))  # errors may quote a URL
+            data = {**base, "response_code": exc.response_code, "error": error}
             retriable = isinstance(exc, TransientError)
             if should_retry_download(job.attempt, job.max_retries, retriable):
                 retry_in_ms = int(
@@ -376,6 +378,10 @@ class Processor:
         metrics.DOWNLOAD_SECONDS.observe(time.perf_counter() - started)
         metrics.DOWNLOADS.labels(attempt.outcome).inc()
         return attempt
+
+    def _secrets(self, job: ClaimedJob, proxy: str | None) -> list[str]:
+        """What of this job must never show in an error sentence (see redact.py)."""
+        return secrets_of([job.url, proxy or ""], job.request_headers, self.config.security)
 
     def _session_or_fail(self) -> aiohttp.ClientSession:
         assert self._session is not None, "run() opens the session"

@@ -30,6 +30,7 @@ from downloader.errors import (
     NoCallback,
     ProxyConflict,
     StorageUnavailable,
+    TooManyAggregations,
 )
 from downloader.events import JobEvent, parse_event
 from downloader.jobs import CallbackJob, ClaimedJob, Job
@@ -98,6 +99,12 @@ class Keys:
 
     def idempotency(self, key: str) -> str:
         return self._k(f"idem:{{{key}}}")
+
+    def tenant_aggregations(self, scope: str) -> str:
+        return self._k(f"aggregations:{scope}")
+
+    def rate(self, tenant: str) -> str:
+        return self._k(f"rate:{{{tenant}}}")
 
     def stats(self, role: str, instance: str) -> str:
         return self._k(f"stats:{role}:{instance}")
@@ -217,6 +224,7 @@ class Storage:
         "rebuild",
         "export_commit",
         "abort",
+        "ratelimit",
     )
 
     def __init__(self, client: aioredis.Redis, config: Config) -> None:
@@ -311,25 +319,39 @@ class Storage:
         idempotency_key: str = "",
         fingerprint: str = "",
         window_ms: int = 0,
+        *,
+        proxy: str | None = None,
+        sealed: Mapping[str, str] | None = None,
+        scope: str = "",
+        max_aggregations: int = 0,
     ) -> tuple[str, bool]:
         """Accept a job: (its id, whether this replays an earlier request with the same
-        Idempotency-Key). Raises ProxyConflict or IdempotencyConflict."""
+        Idempotency-Key). `fields` are what its job.accepted event shows (secrets redacted);
+        `proxy` the aggregation's real proxy (default: fields' aggr_proxy) and `sealed` the real
+        url / request headers (JSON) where fields redacted them; `scope` the tenant owning the
+        aggregation, with at most `max_aggregations` alive (0: no cap). Raises ProxyConflict,
+        IdempotencyConflict or TooManyAggregations."""
         res = await self._run_acked(
             "enqueue",
             job_id,
             fields["aggr_id"],
             fields["aggr_limit"],
-            fields["aggr_proxy"],
+            fields["aggr_proxy"] if proxy is None else proxy,
             json.dumps(fields, separators=(",", ":")),
             idempotency_key,
             fingerprint,
             window_ms,
+            json.dumps(dict(sealed), separators=(",", ":")) if sealed else "",
+            scope,
+            max_aggregations,
         )
         status, detail = str(res[0]), str(res[1]) if len(res) > 1 else ""
         if status == "proxy_conflict":
             raise ProxyConflict(str(fields["aggr_id"]), url_without_password(detail))
         if status == "key_conflict":
             raise IdempotencyConflict(detail)
+        if status == "too_many_aggregations":
+            raise TooManyAggregations(int(detail))
         # 'exists': redis-py resent the script after a lost reply, and the first run took it
         return (detail or job_id), status == "replayed"
 
@@ -349,6 +371,27 @@ class Storage:
         if not row:
             raise JobNotFound(job_id)
         return Job.from_hash(row)
+
+    async def tenant_of(self, job_id: str) -> str:
+        """The tenant a job was submitted by ("" when anonymous); raises JobNotFound."""
+        found, tenant = await self.r.hmget(self.keys.job(job_id), ["id", "tenant"])
+        if found is None:
+            raise JobNotFound(job_id)
+        return str(tenant or "")
+
+    async def tenants_of(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """Job id -> the tenant that submitted it, for the jobs that still exist."""
+        async with self.r.pipeline(transaction=False) as p:
+            for job_id in job_ids:
+                p.hmget(self.keys.job(job_id), ["id", "tenant"])
+            rows = await p.execute()
+        return {j: str(t or "") for j, (found, t) in zip(job_ids, rows, strict=True) if found}
+
+    async def take_request(self, tenant: str, rate_per_second: float) -> int:
+        """One request of `tenant` against its token bucket (one second deep): 0 when it may go
+        on, else the ms until it may."""
+        burst = max(1.0, rate_per_second)
+        return int(await self._run("ratelimit", tenant, rate_per_second, burst))
 
     async def get_events(self, job_id: str) -> list[JobEvent]:
         """The job's events, oldest first; raises JobNotFound."""
@@ -442,12 +485,20 @@ class Storage:
                     aborted.add(fields["abort"])
         return after, aggrs, aborted
 
-    async def pending_aggregations(self, limit: int = 100_000) -> list[tuple[str, int]]:
-        """Aggregations with jobs in their ready queue, from the registry (no key scan)."""
+    async def pending_aggregations(
+        self, limit: int = 100_000, offset: int = 0, scope: str = ""
+    ) -> list[tuple[str, int]]:
+        """Aggregations with jobs in their ready queue, most waiting first, from the registry
+        (no key scan): all of them, or one tenant's (`scope`)."""
+        registry = self.keys.tenant_aggregations(scope) if scope else self.keys.aggregations
         rows = await self.r.zrevrangebyscore(
-            self.keys.aggregations, "+inf", 1, start=0, num=limit, withscores=True
+            registry, "+inf", 1, start=offset, num=limit, withscores=True
         )
         return [(str(name), int(size)) for name, size in rows]
+
+    async def count_pending_aggregations(self, scope: str = "") -> int:
+        registry = self.keys.tenant_aggregations(scope) if scope else self.keys.aggregations
+        return int(await self.r.zcount(registry, 1, "+inf"))
 
     async def aggregation_details(self, aggr_ids: Sequence[str]) -> list[dict[str, Any]]:
         async with self.r.pipeline(transaction=False) as p:

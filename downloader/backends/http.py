@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import aiohttp
@@ -19,12 +20,20 @@ class HttpBackend:
     name = "http"
 
     def __init__(
-        self, timeout_s: float, policy: NetworkPolicy, signing_secret: str | None, limit: int
+        self,
+        timeout_s: float,
+        policy: NetworkPolicy,
+        signing_secret: str | None,
+        limit: int,
+        tenant_secrets: Mapping[str, str] | None = None,
     ) -> None:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.policy = policy
         self.limit = limit
         self.signer = Webhook(signing_secret) if signing_secret else None
+        # a tenant with a secret of its own signs with it: no tenant can have a callback signed
+        # with another's secret sent to that other's receiver
+        self.tenant_signers = {t: Webhook(s) for t, s in (tenant_secrets or {}).items()}
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -36,17 +45,18 @@ class HttpBackend:
         )
 
     async def deliver(
-        self, job_id: str, event_id: str, destination: str, payload: Payload
+        self, job_id: str, event_id: str, destination: str, payload: Payload, tenant: str = ""
     ) -> Delivery:
         assert self.session is not None, "start() first"
         body = json.dumps(payload, separators=(",", ":"))
         headers = {"Content-Type": "application/json", "User-Agent": "downloader"}
-        if self.signer is not None:
+        signer = self.tenant_signers.get(tenant, self.signer)
+        if signer is not None:
             # Standard Webhooks: the id stays the same across retries of one callback.
             now = datetime.now(tz=UTC)
             headers["webhook-id"] = job_id
             headers["webhook-timestamp"] = str(int(now.timestamp()))
-            headers["webhook-signature"] = self.signer.sign(job_id, now, body)
+            headers["webhook-signature"] = signer.sign(job_id, now, body)
         try:
             async with self.session.post(destination, data=body, headers=headers) as resp:
                 await resp.read()

@@ -127,7 +127,7 @@ class KafkaBackend:
         await asyncio.to_thread(self.producer.start)
 
     async def deliver(
-        self, job_id: str, event_id: str, destination: str, payload: Payload
+        self, job_id: str, event_id: str, destination: str, payload: Payload, tenant: str = ""
     ) -> Delivery:
         value = json.dumps(payload, separators=(",", ":")).encode()
         error = await self.producer.produce(

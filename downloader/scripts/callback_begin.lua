@@ -1,8 +1,9 @@
 -- callback_begin.lua: a notifier starts one delivery attempt.
 -- ARGV: job_id, projection fields to return...
 -- Keys touched: job:{id} + events (callback.attempted).
--- Returns: the requested projection fields (HMGET) after the event, or {} when there is nothing
---   to deliver (the job is unknown, or its callback already ended: a duplicate stream entry).
+-- Returns: the requested projection fields (HMGET, the url as submitted: a callback's
+--   resource_url is the caller's own) after the event, or {} when there is nothing to deliver
+--   (the job is unknown, or its callback already ended: a duplicate stream entry).
 local job_id = ARGV[1]
 local state = redis.call('HGET', KEY.job(job_id), 'callback_state')
 if state ~= 'Pending' and state ~= 'InProgress' then return {} end
@@ -10,4 +11,4 @@ local attempt = tonumber(redis.call('HGET', KEY.job(job_id), 'callback_attempts'
 emit(job_id, 'callback.attempted', cjson.encode({attempt = attempt}))
 local fields = {}
 for i = 2, #ARGV - 2 do fields[#fields + 1] = ARGV[i] end
-return redis.call('HMGET', KEY.job(job_id), unpack(fields))
+return unsealed(KEY.job(job_id), fields)

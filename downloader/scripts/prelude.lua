@@ -17,6 +17,8 @@ function KEY.aggr(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}') end
 function KEY.ready(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:ready') end
 function KEY.inflight(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:inflight') end
 function KEY.idempotency(k) return string.format(TEMPLATE, 'idem:{' .. k .. '}') end
+function KEY.tenant_aggregations(scope) return string.format(TEMPLATE, 'aggregations:' .. scope) end
+function KEY.rate(tenant) return string.format(TEMPLATE, 'rate:{' .. tenant .. '}') end
 function KEY.alive(role, inst) return string.format(TEMPLATE, 'alive:' .. role .. ':' .. inst) end
 KEY.events = string.format(TEMPLATE, 'events')
 KEY.aggregations = string.format(TEMPLATE, 'aggregations')
@@ -166,13 +168,45 @@ local function emit(job_id, etype, data_json)
   return id
 end
 
--- Keep the registry score (jobs waiting in the ready queue) exact for one aggregation.
+-- Keep the registry score (jobs waiting in the ready queue) exact for one aggregation, in the
+-- registry of all and in its tenant's (`scope`, the tenant whose aggr_prefix it has).
 local function touch_registry(aggr_id)
-  if redis.call('EXISTS', KEY.aggr(aggr_id)) == 1 then
-    redis.call('ZADD', KEY.aggregations, redis.call('LLEN', KEY.ready(aggr_id)), aggr_id)
+  local aggr = redis.call('HMGET', KEY.aggr(aggr_id), 'limit', 'scope')
+  if aggr[1] then
+    local waiting = redis.call('LLEN', KEY.ready(aggr_id))
+    redis.call('ZADD', KEY.aggregations, waiting, aggr_id)
+    if aggr[2] and aggr[2] ~= '' then
+      redis.call('ZADD', KEY.tenant_aggregations(aggr[2]), waiting, aggr_id)
+    end
   else
     redis.call('ZREM', KEY.aggregations, aggr_id)
   end
+end
+
+-- The secrets of a job (its real url and request headers) are kept out of its events, in fields
+-- of the projection that only these scripts read: SEALED[field] names where field's real value is.
+local SEALED = {
+  url = 'sealed_url', request_headers = 'sealed_request_headers', callback_dst = 'sealed_callback_dst',
+}
+
+-- HMGET of projection fields, with the real value of a sealed one (for the processor's download
+-- and the notifier's resource_url).
+local function unsealed(job_key, fields)
+  local wanted = {}
+  for i, f in ipairs(fields) do wanted[i] = f end
+  local seal_at = {}
+  for i, f in ipairs(fields) do
+    if SEALED[f] then
+      wanted[#wanted + 1] = SEALED[f]
+      seal_at[#wanted] = i
+    end
+  end
+  local row = redis.call('HMGET', job_key, unpack(wanted))
+  for at, i in pairs(seal_at) do
+    if row[at] then row[i] = row[at] end
+  end
+  for _ = #fields + 1, #row do table.remove(row) end
+  return row
 end
 
 -- The download reached its final outcome: hand the callback to the notifiers, if it has one.
@@ -191,7 +225,9 @@ local function aggr_job_done(aggr_id)
   local left = redis.call('HINCRBY', KEY.aggr(aggr_id), 'jobs', -1)
   if left <= 0 and redis.call('LLEN', KEY.ready(aggr_id)) == 0
       and redis.call('SCARD', KEY.inflight(aggr_id)) == 0 then
+    local scope = redis.call('HGET', KEY.aggr(aggr_id), 'scope')
     redis.call('DEL', KEY.aggr(aggr_id))
+    if scope and scope ~= '' then redis.call('ZREM', KEY.tenant_aggregations(scope), aggr_id) end
   end
   touch_registry(aggr_id)
 end
@@ -208,7 +244,7 @@ local function start_job(aggr_id, job_id, owner, expiry, fields)
   local attempt = tonumber(redis.call('HGET', job_key, 'download_attempts') or '0') + 1
   local token = owner .. '/' .. emit(job_id, 'download.started', cjson.encode({attempt = attempt}))
   redis.call('HSET', KEY.lease_owners, job_id, token)
-  local row = redis.call('HMGET', job_key, unpack(fields))
+  local row = unsealed(job_key, fields)
   row[#row + 1] = token
   return row
 end
