@@ -150,7 +150,8 @@ def _signing_secret(v: str | None) -> str | None:
 
 class TokenConfig(_Section):
     """One API token and what it may do: an entry of `api.tokens` (a plain string there is an
-    admin token, as before tenants existed)."""
+    admin token, as before tenants existed). Several tokens may share a tenant `name` (say one
+    that submits and one that only reads): they then share its aggr_prefix and signing_secret."""
 
     name: str
     """The tenant: its jobs record it; 1-64 of letters, digits, `.`, `_`, `-`."""
@@ -163,7 +164,8 @@ class TokenConfig(_Section):
     signing_secret: str | None = None
     """`whsec_...`: this tenant's callbacks are signed with it (else notifier.signing_secret)."""
     rate_per_second: float | None = Field(None, gt=0)
-    """Requests per second this token may make (a token bucket one second deep); none: no limit."""
+    """Requests per second this token may make (a token bucket one second deep); none: no
+    limit."""
 
     @field_validator("name")
     @classmethod
@@ -230,12 +232,19 @@ class ApiConfig(_Section):
     @classmethod
     def _tenants(cls, v: list[str | TokenConfig]) -> list[str | TokenConfig]:
         objects = [t for t in v if isinstance(t, TokenConfig)]
-        names = [t.name for t in objects]
-        if len(set(names)) != len(names):
-            raise ValueError("token names must be unique")
         if any(isinstance(t, str) and not t for t in v):
             raise ValueError("a token must not be empty")
-        prefixes = sorted(t.aggr_prefix for t in objects if t.role != "admin")
+        tenants: dict[str, TokenConfig] = {}
+        for t in objects:
+            first = tenants.setdefault(t.name, t)
+            if (first.aggr_prefix, first.signing_secret) != (t.aggr_prefix, t.signing_secret):
+                raise ValueError(
+                    f"the tokens of tenant {t.name!r} must share one aggr_prefix and one "
+                    "signing_secret"
+                )
+        prefixes = sorted(
+            {t.aggr_prefix for t in tenants.values() if t.role != "admin" or t.aggr_prefix}
+        )
         for shorter, longer in itertools.pairwise(prefixes):  # sorted: neighbours suffice
             if longer.startswith(shorter):
                 raise ValueError(

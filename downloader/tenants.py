@@ -26,11 +26,15 @@ class Role(StrEnum):
 
 @dataclass(frozen=True)
 class Tenant:
+    """A token's tenant and what the token may do."""
+
     name: str
     role: Role
     aggr_prefix: str = ""
     signing_secret: str | None = None
     rate_per_second: float | None = None
+    token_key: str = ""
+    """Names the token (not the tenant) without revealing it: its rate bucket."""
 
     @property
     def is_admin(self) -> bool:
@@ -73,9 +77,12 @@ class Tenants:
         self._entries: list[tuple[bytes, Tenant]] = []
         for entry in api.tokens:
             if isinstance(entry, str):
-                self._entries.append((_digest(entry), Tenant(ADMIN_NAME, Role.ADMIN)))
+                digest = _digest(entry)
+                tenant = Tenant(ADMIN_NAME, Role.ADMIN, token_key=digest.hex()[:16])
             else:
-                self._entries.append((self._digest_of(entry), self._tenant_of(entry)))
+                digest = self._digest_of(entry)
+                tenant = self._tenant_of(entry, digest.hex()[:16])
+            self._entries.append((digest, tenant))
         self._by_name = {t.name: t for _d, t in self._entries}
 
     @staticmethod
@@ -86,13 +93,14 @@ class Tenants:
         return _digest(entry.token)
 
     @staticmethod
-    def _tenant_of(entry: TokenConfig) -> Tenant:
+    def _tenant_of(entry: TokenConfig, token_key: str) -> Tenant:
         return Tenant(
             entry.name,
             Role(entry.role),
             entry.aggr_prefix,
             entry.signing_secret,
             entry.rate_per_second,
+            token_key,
         )
 
     @property
@@ -123,7 +131,7 @@ class Tenants:
         """The tenant whose aggr_prefix the aggregation has ("" for none): its quota counts it
         and its dashboard lists it, whoever submitted the job (an admin may act for it)."""
         for _digest, tenant in self._entries:
-            if not tenant.is_admin and aggr_id.startswith(tenant.aggr_prefix):
+            if tenant.aggr_prefix and aggr_id.startswith(tenant.aggr_prefix):
                 return tenant.name
         return ""
 
