@@ -102,11 +102,13 @@ class _Progress:
         self.window_end = self.started + egress.min_throughput_window_s if self.min_bps else None
 
     def add(self, n: int) -> None:
+        """Count `n` more body bytes; raise TransientError once the download is too slow."""
         self.body_bytes += n
-        if self.window_end is not None and asyncio.get_running_loop().time() >= self.window_end:
-            elapsed = asyncio.get_running_loop().time() - self.started
-            if self.body_bytes < self.min_bps * elapsed:
-                raise self.too_slow()
+        if self.window_end is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now >= self.window_end and self.body_bytes < self.min_bps * (now - self.started):
+            raise self.too_slow()
 
     def too_slow(self) -> TransientError:
         elapsed = asyncio.get_running_loop().time() - self.started

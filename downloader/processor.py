@@ -297,6 +297,8 @@ class Processor:
             del self._active[job.id]
             del self._leases[job.id]
             self._per_aggr[aggr] -= 1
+            if self._per_aggr[aggr] <= 0:  # only aggregations at work stay counted
+                del self._per_aggr[aggr]
 
     def _count_workers(self) -> None:
         self.stats.workers = len(self._active)
