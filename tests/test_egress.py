@@ -1,6 +1,6 @@
 """What downloads connect to and how: targets behind a proxy are checked like direct ones, and
 redirects are followed by the processor itself (secret headers stay with their origin, no
-https to http, a fresh cookie jar for nobody)."""
+https to http, no cookie jar shared between jobs)."""
 
 from __future__ import annotations
 

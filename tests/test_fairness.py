@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 
+from downloader.config import Config
 from harness.servers import FileServer, Reply, until
 from tests.conftest import Service
 
@@ -119,6 +121,25 @@ async def test_a_configured_cap_bounds_an_aggregation_below_its_limit(
         for job_id in ids:
             await svc.wait_job(job_id, lambda j: j["download_state"] == "Success")
     assert slow.peak == 1 and slow.requests == 5
+
+
+@pytest.mark.parametrize(
+    ("max_workers", "per_aggregation", "cap"),
+    [(256, None, 128), (4, None, 2), (1, None, 1), (4, 1, 1), (4, 9, 4)],
+)
+def test_the_per_aggregation_cap_defaults_to_half_of_the_workers(
+    max_workers: int, per_aggregation: int | None, cap: int
+) -> None:
+    """Unset, the cap is half of max_workers (at least 1); set, it is never above max_workers."""
+    processor = {"max_workers": max_workers, "max_workers_per_aggregation": per_aggregation}
+    assert Config.model_validate({"processor": processor}).processor.aggregation_workers == cap
+
+
+def test_the_new_processor_limits_are_checked_by_name() -> None:
+    """A cap of 0 or a negative throughput is refused at start-up, naming the key."""
+    for key, bad in (("max_workers_per_aggregation", 0), ("min_bytes_per_second", -1)):
+        with pytest.raises(ValidationError, match=key):
+            Config.model_validate({"processor": {key: bad}})
 
 
 THROUGHPUT = {
