@@ -303,6 +303,15 @@ class ProcessorConfig(_Section):
     download_timeout_seconds: float = Field(3600.0, gt=0)
     connect_timeout_seconds: float = Field(10.0, gt=0)
     max_workers: int = Field(256, gt=0)
+    max_workers_per_aggregation: int | None = Field(None, gt=0)
+    """Workers of this processor one aggregation may hold at once; unset: half of
+    max_workers (at least 1), so one aggregation's slow downloads leave room for the others."""
+    read_idle_timeout_seconds: float = Field(30.0, gt=0)
+    """A download fails (transient) when the origin sends nothing for this long."""
+    min_bytes_per_second: int = Field(1024, ge=0)
+    """A download averaging less than this once min_throughput_window_seconds have passed
+    fails (transient); 0 turns the rule off."""
+    min_throughput_window_seconds: float = Field(30.0, gt=0)
     lease_ms: int = Field(30_000, ge=100)
     rescan_interval_ms: int = Field(5_000, ge=10)
     disk_pause_percent: float = Field(95.0, gt=0, le=100)
@@ -327,6 +336,13 @@ class ProcessorConfig(_Section):
         if self.disk_resume_percent > self.disk_pause_percent:
             raise ValueError("disk_resume_percent must not exceed disk_pause_percent")
         return self
+
+    @property
+    def aggregation_workers(self) -> int:
+        """The most workers of one processor that one aggregation may hold."""
+        if self.max_workers_per_aggregation is not None:
+            return min(self.max_workers_per_aggregation, self.max_workers)
+        return max(1, self.max_workers // 2)
 
     @property
     def files_root(self) -> str | None:
@@ -412,6 +428,8 @@ class SecurityConfig(_Section):
     Cookie and Set-Cookie (always secret): never shown, and dropped on a cross-origin redirect."""
     secret_query_params: list[str] = list(DEFAULT_SECRET_QUERY_PARAMS)
     """URL query parameters whose values are secrets (case-insensitive): never shown."""
+    allow_https_downgrade: bool = False
+    """Follow a redirect from https to plain http (false: the download fails)."""
 
     @field_validator("allowed_networks")
     @classmethod

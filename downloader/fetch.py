@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,16 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import imagesize
+from yarl import URL
 
+from downloader.config import Config
 from downloader.errors import PermanentError, TransientError
 from downloader.httperrors import describe
 from downloader.mime import SNIFF_BYTES, MimePattern, sniff
-from downloader.netguard import find_blocked
+from downloader.netguard import NetworkPolicy, find_blocked
+from downloader.redact import is_secret_header
 
-__all__ = ["IMAGE_TYPES", "FetchRequest", "FetchResult", "fetch"]
+__all__ = ["IMAGE_TYPES", "MAX_REDIRECTS", "Egress", "FetchRequest", "FetchResult", "fetch"]
 
 IMAGE_TYPES = frozenset(
     {
@@ -37,6 +41,9 @@ IMAGE_TYPES = frozenset(
 )
 _CHUNK = 256 * 1024
 _SMALL_BODY = 256 * 1024  # read whole, then kept in one worker-thread call (see _keep_small)
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
+"""Redirects one download follows; the next one fails it ("Too many redirects")."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,29 @@ class FetchRequest:
 
 
 @dataclass(frozen=True)
+class Egress:
+    """How a processor's downloads go out, the same for all its jobs."""
+
+    policy: NetworkPolicy
+    secret_headers: tuple[str, ...] = ()
+    allow_https_downgrade: bool = False
+    read_idle_timeout_s: float = 30.0
+    min_bytes_per_second: int = 0
+    min_throughput_window_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> Egress:
+        return cls(
+            policy=NetworkPolicy.from_config(config.security),
+            secret_headers=tuple(config.security.secret_headers),
+            allow_https_downgrade=config.security.allow_https_downgrade,
+            read_idle_timeout_s=config.processor.read_idle_timeout_seconds,
+            min_bytes_per_second=config.processor.min_bytes_per_second,
+            min_throughput_window_s=config.processor.min_throughput_window_seconds,
+        )
+
+
+@dataclass(frozen=True)
 class FetchResult:
     response_code: int
     mime_type: str
@@ -59,55 +89,184 @@ class FetchResult:
     image_size: str
 
 
-async def fetch(session: aiohttp.ClientSession, req: FetchRequest, dest: Path) -> FetchResult:
+class _Progress:
+    """One download so far: the status of its final response, and the minimum-throughput rule
+    (once the window has passed, the body bytes must average at least min_bytes_per_second
+    since the first request; a response still awaited then has sent 0 bytes)."""
+
+    def __init__(self, egress: Egress) -> None:
+        self.code = 0
+        self.body_bytes = 0
+        self.min_bps = egress.min_bytes_per_second
+        self.started = asyncio.get_running_loop().time()
+        self.window_end = self.started + egress.min_throughput_window_s if self.min_bps else None
+
+    def add(self, n: int) -> None:
+        """Count `n` more body bytes; raise TransientError once the download is too slow."""
+        self.body_bytes += n
+        if self.window_end is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now >= self.window_end and self.body_bytes < self.min_bps * (now - self.started):
+            raise self.too_slow()
+
+    def too_slow(self) -> TransientError:
+        elapsed = asyncio.get_running_loop().time() - self.started
+        return TransientError(
+            f"the origin sent {self.body_bytes} bytes in {elapsed:.3g} s, below the minimum "
+            f"of {self.min_bps} B/s",
+            self.code,
+        )
+
+
+async def fetch(
+    session: aiohttp.ClientSession, req: FetchRequest, dest: Path, egress: Egress
+) -> FetchResult:
     """Download `req.url` into `dest` (a temporary path; the caller moves it into the store).
 
     Raises TransientError (worth retrying) or PermanentError, each with the response code."""
-    timeout = aiohttp.ClientTimeout(total=req.timeout_s, sock_connect=req.connect_timeout_s)
-    code = 0
+    progress = _Progress(egress)
     try:
-        async with session.get(
-            req.url, headers=req.headers, proxy=req.proxy, timeout=timeout
-        ) as resp:
-            code = resp.status
-            if code >= 500:
-                raise TransientError(f"Received status code {code}", code)
-            if code >= 400 or code < 200:
-                raise PermanentError(f"Received status code {code}", code)
-            if resp.content_length is not None and resp.content_length > req.max_bytes:
-                raise PermanentError(
-                    f"The body is {resp.content_length} bytes, over the limit of {req.max_bytes}",
-                    code,
-                )
-            mime_type, size = await _stream(resp, req, dest)
-            image_size = await _image_size(req, mime_type, dest, code)
+        async with asyncio.timeout(req.timeout_s):  # the whole download, over all its hops
+            async with await _open(session, req, egress, progress) as resp:
+                code = resp.status
+                if code >= 500:
+                    raise TransientError(f"Received status code {code}", code)
+                if code >= 400 or code < 200:
+                    raise PermanentError(f"Received status code {code}", code)
+                if resp.content_length is not None and resp.content_length > req.max_bytes:
+                    raise PermanentError(
+                        f"The body is {resp.content_length} bytes, over the limit of "
+                        f"{req.max_bytes}",
+                        code,
+                    )
+                mime_type, size = await _stream(resp, req, dest, progress)
+                image_size = await _image_size(req, mime_type, dest, code)
     except (TransientError, PermanentError):
         raise
     except aiohttp.ConnectionTimeoutError as exc:
         host = urlsplit(req.proxy or req.url).netloc.rpartition("@")[2]
         raise TransientError(
-            f"could not connect to {host} (no answer within {req.connect_timeout_s:g} s)", code
+            f"could not connect to {host} (no answer within {req.connect_timeout_s:g} s)",
+            progress.code,
+        ) from exc
+    except aiohttp.SocketTimeoutError as exc:
+        raise TransientError(
+            f"the origin sent nothing for {egress.read_idle_timeout_s:g} s", progress.code
         ) from exc
     except TimeoutError as exc:
-        raise TransientError(f"Download timed out after {req.timeout_s:g} s", code) from exc
+        raise TransientError(
+            f"Download timed out after {req.timeout_s:g} s", progress.code
+        ) from exc
     except aiohttp.ClientConnectorCertificateError as exc:
-        raise PermanentError(f"TLS certificate error: {exc.certificate_error}", code) from exc
+        raise PermanentError(
+            f"TLS certificate error: {exc.certificate_error}", progress.code
+        ) from exc
     except aiohttp.ClientSSLError as exc:
-        raise PermanentError(f"TLS error: {exc}", code) from exc
+        raise PermanentError(f"TLS error: {exc}", progress.code) from exc
     except aiohttp.ClientPayloadError as exc:
-        raise TransientError(f"The body ended early: {exc}", code) from exc
-    except aiohttp.TooManyRedirects as exc:
-        raise PermanentError("Too many redirects", code) from exc
-    except (aiohttp.InvalidURL, aiohttp.NonHttpUrlRedirectClientError) as exc:
-        raise PermanentError(f"Invalid URL: {exc}", code) from exc
+        raise TransientError(f"The body ended early: {exc}", progress.code) from exc
+    except aiohttp.InvalidURL as exc:
+        raise PermanentError(f"Invalid URL: {exc}", progress.code) from exc
     except (aiohttp.ClientError, OSError) as exc:
         if blocked := find_blocked(exc):
-            raise PermanentError(str(blocked), code) from exc
+            raise PermanentError(str(blocked), progress.code) from exc
         if isinstance(exc, ssl.SSLError):
-            raise PermanentError(f"TLS error: {exc}", code) from exc
-        raise TransientError(describe(exc), code) from exc
+            raise PermanentError(f"TLS error: {exc}", progress.code) from exc
+        raise TransientError(describe(exc), progress.code) from exc
 
     return FetchResult(code, mime_type, size, image_size)
+
+
+async def _open(
+    session: aiohttp.ClientSession, req: FetchRequest, egress: Egress, progress: _Progress
+) -> aiohttp.ClientResponse:
+    """The final response for `req.url`, its body not read yet: redirects are followed here,
+    not by aiohttp, so that each hop is checked (a proxied target against the network policy,
+    https to http refused) and a hop to another origin leaves the secret headers behind."""
+    try:
+        url = URL(req.url)
+    except ValueError as exc:
+        raise PermanentError("Invalid URL: not a URL") from exc
+    headers = dict(req.headers)
+    timeout = aiohttp.ClientTimeout(
+        sock_connect=req.connect_timeout_s, sock_read=egress.read_idle_timeout_s
+    )
+    redirects = 0
+    while True:
+        if req.proxy is not None:
+            await _check_proxied(egress.policy, url)
+        resp = await _within_window(
+            progress,
+            session.get(
+                url, headers=headers, proxy=req.proxy, timeout=timeout, allow_redirects=False
+            ),
+        )
+        location = resp.headers.get("Location")
+        if resp.status not in _REDIRECTS or location is None:
+            progress.code = resp.status
+            return resp
+        resp.release()  # its body is not wanted; aiohttp closes the connection if unread
+        redirects += 1
+        if redirects > MAX_REDIRECTS:
+            raise PermanentError("Too many redirects")
+        # every hop is a GET: the body-less GET we started with stays one for 301/302/303,
+        # and 307/308 keep the method
+        target = _redirect_target(url, location)
+        if url.scheme == "https" and target.scheme == "http" and not egress.allow_https_downgrade:
+            raise PermanentError(
+                f"refused to follow a redirect from https to http ({target.host}): "
+                "security.allow_https_downgrade is false"
+            )
+        if _origin(target) != _origin(url):
+            headers = {
+                k: v for k, v in headers.items() if not is_secret_header(k, egress.secret_headers)
+            }
+        elif target.user is not None:  # the new userinfo is the credentials from now on
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        url = target
+
+
+def _redirect_target(url: URL, location: str) -> URL:
+    """`location` resolved against the URL that answered with it; only http(s) is followed."""
+    try:
+        target = url.join(URL(location))
+    except ValueError as exc:
+        raise PermanentError("Invalid URL: a redirect to a location that is not a URL") from exc
+    if target.scheme not in ("http", "https"):
+        raise PermanentError(f"Invalid URL: a redirect to a {target.scheme or 'schemeless'} URL")
+    if not target.raw_host:
+        raise PermanentError("Invalid URL: a redirect to a URL without a host")
+    return target
+
+
+def _origin(url: URL) -> tuple[str, str | None, int | None]:
+    return url.scheme, url.host, url.port
+
+
+async def _check_proxied(policy: NetworkPolicy, url: URL) -> None:
+    """The proxy dials the target, not us: check the target first (see netguard.py)."""
+    host = url.raw_host or ""
+    try:
+        await policy.check_target(host, url.port or 0)
+    except socket.gaierror as exc:
+        raise TransientError(f"could not resolve host {host}") from exc
+
+
+async def _within_window(
+    progress: _Progress, request: Awaitable[aiohttp.ClientResponse]
+) -> aiohttp.ClientResponse:
+    """Await a response, at most until the minimum-throughput window ends."""
+    if progress.window_end is None:
+        return await request
+    window = asyncio.timeout_at(progress.window_end)
+    try:
+        async with window:
+            return await request
+    except TimeoutError as exc:
+        if window.expired():
+            raise progress.too_slow() from exc
+        raise
 
 
 async def _image_size(req: FetchRequest, mime_type: str, dest: Path, code: int) -> str:
@@ -139,13 +298,19 @@ def _remove_when_done(path: Path) -> Callable[[asyncio.Future[Any]], None]:
     return done
 
 
-async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -> tuple[str, int]:
+async def _stream(
+    resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path, progress: _Progress
+) -> tuple[str, int]:
     """Write the body to `dest`; sniff the first bytes and fail fast on a mime mismatch."""
     small = resp.content_length is not None and resp.content_length <= _SMALL_BODY
     if small and resp.headers.get("Content-Encoding", "identity") == "identity":
         # Exactly Content-Length bytes (aiohttp fails a shorter body); a compressed body goes
         # the streaming way, where max_bytes counts what it inflates to.
-        body = await resp.read()
+        parts = []
+        async for part in resp.content.iter_chunked(_CHUNK):
+            progress.add(len(part))
+            parts.append(part)
+        body = b"".join(parts)
         loop = asyncio.get_running_loop()
         kept = loop.run_in_executor(None, _keep_small, body, req.mime, resp.status, dest)
         try:
@@ -159,6 +324,7 @@ async def _stream(resp: aiohttp.ClientResponse, req: FetchRequest, dest: Path) -
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         async for chunk in resp.content.iter_chunked(_CHUNK):
+            progress.add(len(chunk))
             size += len(chunk)
             if size > req.max_bytes:
                 raise PermanentError(

@@ -26,13 +26,12 @@ from downloader import metrics
 from downloader.backoff import download_retry_delay_s, should_retry_download
 from downloader.config import Config
 from downloader.errors import JobNotFound, PermanentError, StorageUnavailable, TransientError
-from downloader.fetch import FetchRequest, FetchResult, fetch
+from downloader.fetch import Egress, FetchRequest, FetchResult, fetch
 from downloader.filestore import open_store
 from downloader.heartbeat import publish_stats
 from downloader.jobs import ClaimedJob
 from downloader.log import get_logger
 from downloader.mime import MimePattern
-from downloader.netguard import NetworkPolicy
 from downloader.redact import scrub, secrets_of
 from downloader.resilience import forever
 from downloader.s3store import S3Store, user_metadata
@@ -99,7 +98,7 @@ class Processor:
         self.owner = instance
         self.store = open_store(config, self.cfg.max_workers)
         self.s3 = S3Store(config.s3, self.cfg.max_workers) if config.s3.enabled else None
-        self.policy = NetworkPolicy.from_config(config.security)
+        self.egress = Egress.from_config(config)
         self.stats = ProcessorStats()
         self.upkeep = Upkeep(self.cfg, storage, self.store, on_resume=self._rescan)
         # job id -> the worker running it (a worker runs one job, then those handed on to it)
@@ -119,9 +118,12 @@ class Processor:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then finish or hand back in-flight jobs within the grace."""
         connector = aiohttp.TCPConnector(
-            limit=self.cfg.max_workers, socket_factory=self.policy.socket_factory()
+            limit=self.cfg.max_workers, socket_factory=self.egress.policy.socket_factory()
         )
-        self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        # no cookie jar: a cookie one job's origin sets must not reach another job
+        self._session = aiohttp.ClientSession(
+            connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
         loops = [
             asyncio.create_task(forever(name, step, lambda: self._stopping), name=name)
             for name, step in (
@@ -222,11 +224,15 @@ class Processor:
         while not self._stopping:
             await self._kick.wait()
             self._kick.clear()
-            while self._hot and self._free() > 0 and not self.upkeep.paused and not self._stopping:
-                aggr = next(iter(self._hot))
+            while self._free() > 0 and not self.upkeep.paused and not self._stopping:
+                aggr, waiting = self._next_waiting()
+                if aggr is None:
+                    break  # what is hot holds its cap: a worker finishing kicks us again
                 # a fair share of our free workers, so that one aggregation's backlog does not
-                # take them all while others wait (it comes back for more at the back of the line)
-                share = max(1, self._free() // len(self._hot))
+                # take them all while others wait (it comes back for more at the back of the
+                # line), and never more than its cap, so that slow downloads of one aggregation
+                # leave workers for those that come later
+                share = min(max(1, self._free() // waiting), self._room(aggr))
                 del self._hot[aggr]  # before the await: a wake arriving meanwhile re-adds it
                 self._claiming = share
                 try:
@@ -240,6 +246,21 @@ class Processor:
                     self._start(aggr, job, claim.proxy or None)
                 if claim.ready_left > 0 and claim.free_slots > 0:
                     self._hot[aggr] = None  # more to take once we have room: back of the line
+
+    def _room(self, aggr: str) -> int:
+        """Workers of ours `aggr` may still take (processor.max_workers_per_aggregation)."""
+        return self.cfg.aggregation_workers - self._per_aggr[aggr]
+
+    def _capped(self) -> set[str]:
+        """The aggregations holding all the workers their cap allows (at most max_workers)."""
+        cap = self.cfg.aggregation_workers
+        return {aggr for aggr, n in self._per_aggr.items() if n >= cap}
+
+    def _next_waiting(self) -> tuple[str | None, int]:
+        """The first hot aggregation in turn order that may take a worker, and how many may."""
+        capped = self._capped()
+        first = next((aggr for aggr in self._hot if aggr not in capped), None)
+        return first, len(self._hot) - len(capped & self._hot.keys())
 
     def _start(self, aggr: str, job: ClaimedJob, proxy: str | None) -> None:
         """Run one claimed job (and whatever is handed on to it) on a worker of its own."""
@@ -277,6 +298,8 @@ class Processor:
             del self._active[job.id]
             del self._leases[job.id]
             self._per_aggr[aggr] -= 1
+            if self._per_aggr[aggr] <= 0:  # only aggregations at work stay counted
+                del self._per_aggr[aggr]
 
     def _count_workers(self) -> None:
         self.stats.workers = len(self._active)
@@ -296,7 +319,7 @@ class Processor:
         try:
             while True:
                 attempt = await self._download(job, proxy)
-                handed_on = await self._record(job, attempt, hand_on=self._hand_on(chain))
+                handed_on = await self._record(job, attempt, hand_on=self._hand_on(aggr, chain))
                 if handed_on is None:
                     return
                 if self._stopping:  # claimed for us as we stopped: handed back in _shutdown
@@ -337,7 +360,9 @@ class Processor:
         try:
             if job.s3_bucket and self.s3 is None:  # no point downloading it
                 raise PermanentError("S3 storage is not enabled on this processor (s3.enabled)")
-            result = await fetch(self._session_or_fail(), self._request(job, proxy), tmp)
+            result = await fetch(
+                self._session_or_fail(), self._request(job, proxy), tmp, self.egress
+            )
             location = await self._store(job, tmp, result)
             self.stats.responses[result.response_code] += 1
             metrics.DOWNLOAD_BYTES.inc(result.size)
@@ -416,16 +441,21 @@ class Processor:
             "s3_key": key,
         }
 
-    def _hand_on(self, chain: int) -> bool:
-        """Should the slot this download frees go straight to its aggregation's next job?
+    def _hand_on(self, aggr: str, chain: int) -> bool:
+        """Should the slot this download of `aggr` frees go straight to its next job?
         Yes unless we are stopping or paused; or the slot has been handed on HAND_ON_CHAIN
         times in a row (it then goes back through the wake, so that the slots of a busy
         aggregation keep spreading over all processors instead of staying with the first one
-        that claimed them); or other aggregations wait for a worker of ours and we have none
-        free (the slot then goes back to the round robin)."""
+        that claimed them); or `aggr` holds more workers than its cap; or other aggregations
+        wait for a worker of ours and we have none free (the slot then goes back to the round
+        robin)."""
         if self._stopping or self.upkeep.paused or chain >= HAND_ON_CHAIN:
             return False
-        return not self._hot or self._free() > 0
+        if self._room(aggr) < 0:
+            return False
+        capped = self._capped()
+        others_wait = any(a != aggr and a not in capped for a in self._hot)
+        return not others_wait or self._free() > 0
 
     async def _record(self, job: ClaimedJob, attempt: Attempt, hand_on: bool) -> ClaimedJob | None:
         """Write the outcome under the claim's lease and log it; returns the next job of the

@@ -4,6 +4,8 @@ forward proxy. Each records what it saw so tests can assert on it and await it."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import json
 import re
 import time
@@ -11,6 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -21,6 +24,7 @@ __all__ = [
     "CallbackReceiver",
     "FileServer",
     "ForwardProxy",
+    "LoggingProxy",
     "Reply",
     "TcpRelay",
     "free_port",
@@ -238,6 +242,108 @@ class ForwardProxy(_Server):
     async def close(self) -> None:
         await self.client.close()
         await super().close()
+
+
+class LoggingProxy:
+    """A forward proxy on `host` that speaks both absolute-form requests (plain http) and
+    CONNECT (https), and logs the request line of each in `seen` ("GET http://h:p/x",
+    "CONNECT h:443") before doing anything else. It dials loopback targets only and answers
+    502 at once for others, so a request that should never have come cannot hang a test; one
+    request per connection (it tells the origin `Connection: close`)."""
+
+    _HOP_BY_HOP = frozenset({"connection", "proxy-connection", "keep-alive", "proxy-authorization"})
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = 0
+        self.seen: list[str] = []
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> LoggingProxy:
+        self._server = await asyncio.start_server(self._handle, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            line, *fields = head.decode("latin-1").split("\r\n")
+            method, target, version = line.split(" ", 2)
+            self.seen.append(f"{method} {target}")
+            if method == "CONNECT":
+                host, _, port = target.rpartition(":")
+                first = ""
+            else:
+                url = urlsplit(target)
+                host, port = url.hostname or "", str(url.port or 80)
+                path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+                kept = [
+                    f for f in fields if f and f.split(":", 1)[0].lower() not in self._HOP_BY_HOP
+                ]
+                first = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close"])
+                first += "\r\n\r\n"
+            await self._relay(reader, writer, host.strip("[]"), int(port), first)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _relay(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        host: str,
+        port: int,
+        first: str,
+    ) -> None:
+        if not _loopback(host):
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, port)
+        except OSError:
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            return
+        self._writers.add(up_writer)
+        try:
+            if first:
+                up_writer.write(first.encode("latin-1"))
+            else:
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            self._writers.discard(up_writer)
+            up_writer.close()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
 
 
 _REQUEST_LINE = re.compile(rb"(?:GET|HEAD|PUT|POST|DELETE) /\S* HTTP/1\.1")
