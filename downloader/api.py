@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from downloader import metrics
 from downloader.config import Config
 from downloader.errors import JobNotFound, RequestRefused, StorageUnavailable, ValidationFailed
+from downloader.frontdoor import FrontDoor, cors_headers, origin_middleware
 from downloader.heartbeat import new_instance_id, publish_stats
 from downloader.ids import is_job_id, new_job_id
 from downloader.log import get_logger
@@ -27,13 +28,14 @@ from downloader.resilience import forever
 from downloader.storage import Storage
 from downloader.vocabulary import EventType
 
-__all__ = ["STORAGE", "build_app"]
+__all__ = ["FRONT_DOOR", "STORAGE", "build_app"]
 
 log = get_logger(__name__)
 
 STORAGE = web.AppKey("storage", Storage)
 CONFIG = web.AppKey("config", Config)
 ACCEPTED = web.AppKey("accepted", list[int])  # one cell: jobs this API instance accepted
+FRONT_DOOR = web.AppKey("front_door", FrontDoor)
 
 _MAX_FIELDS = {"maxWorkerPools", "maxWorkers"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -97,7 +99,7 @@ def auth_middleware(tokens: list[str]) -> Any:
 
 
 async def post_download(request: web.Request) -> web.Response:
-    raw = await request.read()
+    raw = await request.app[FRONT_DOOR].read_body(request)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -268,13 +270,21 @@ async def _announce(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(config: Config, storage: Storage, serve_files: bool = False) -> web.Application:
     """The aiohttp application; `storage` is owned (closed) by the caller."""
-    middlewares = [errors_middleware]
+    door = FrontDoor(config.api)
+    middlewares = [
+        door.middleware,
+        errors_middleware,
+        origin_middleware(config.api.allowed_origins),
+    ]
     if config.api.tokens:
         middlewares.append(auth_middleware(config.api.tokens))
     app = web.Application(client_max_size=config.api.max_body_bytes, middlewares=middlewares)
+    if config.api.allowed_origins:
+        app.on_response_prepare.append(cors_headers(config.api.allowed_origins))
     app[STORAGE] = storage
     app[CONFIG] = config
     app[ACCEPTED] = [0]
+    app[FRONT_DOOR] = door
     app.cleanup_ctx.append(_announce)
     app.router.add_post("/download", post_download)
     app.router.add_get("/hb", heartbeat)
