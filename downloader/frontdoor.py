@@ -96,6 +96,8 @@ class FrontDoor:
         try:
             async with asyncio.timeout(self.body_timeout_s):
                 return await request.read()
+        except ConnectionResetError:  # the client went away: no one to answer, nothing to log
+            raise RequestRefused("body", "the connection closed before the body arrived") from None
         except TimeoutError:
             conn = self._conns.get(request.transport) if request.transport else None
             if conn is not None:
