@@ -67,10 +67,6 @@ class FrontDoor:
         self._listener: asyncio.Server | None = None
         self.middleware = self._make_middleware()
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._conns)
-
     async def serve(self, runner: web.AppRunner, host: str, port: int) -> int:
         """Listen on host:port for `runner`'s app (after `runner.setup()`); the bound port."""
         server = runner.server
