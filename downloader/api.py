@@ -28,6 +28,7 @@ from downloader.errors import (
     TooManyRequests,
     ValidationFailed,
 )
+from downloader.frontdoor import FrontDoor, cors_headers, origin_middleware
 from downloader.heartbeat import new_instance_id, publish_stats
 from downloader.ids import is_job_id, new_job_id
 from downloader.log import get_logger
@@ -38,7 +39,7 @@ from downloader.storage import Storage
 from downloader.tenants import ANONYMOUS, Tenant, Tenants
 from downloader.vocabulary import EventType
 
-__all__ = ["STORAGE", "build_app"]
+__all__ = ["FRONT_DOOR", "STORAGE", "build_app"]
 
 log = get_logger(__name__)
 
@@ -47,6 +48,7 @@ CONFIG = web.AppKey("config", Config)
 ACCEPTED = web.AppKey("accepted", list[int])  # one cell: jobs this API instance accepted
 TENANTS = web.AppKey("tenants", Tenants)
 TENANT = web.RequestKey("tenant", Tenant)
+FRONT_DOOR = web.AppKey("front_door", FrontDoor)
 
 _MAX_FIELDS = {"maxWorkerPools", "maxWorkers"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -138,7 +140,7 @@ def _admin_only(tenant: Tenant) -> None:
 
 
 async def post_download(request: web.Request) -> web.Response:
-    raw = await request.read()
+    raw = await request.app[FRONT_DOOR].read_body(request)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -380,12 +382,21 @@ async def _announce(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(config: Config, storage: Storage, serve_files: bool = False) -> web.Application:
     """The aiohttp application; `storage` is owned (closed) by the caller."""
-    middlewares = [errors_middleware, auth_middleware]
+    door = FrontDoor(config.api)
+    middlewares = [
+        door.middleware,
+        errors_middleware,
+        origin_middleware(config.api.allowed_origins),
+        auth_middleware,
+    ]
     app = web.Application(client_max_size=config.api.max_body_bytes, middlewares=middlewares)
+    if config.api.allowed_origins:
+        app.on_response_prepare.append(cors_headers(config.api.allowed_origins))
     app[STORAGE] = storage
     app[CONFIG] = config
     app[TENANTS] = Tenants(config.api)
     app[ACCEPTED] = [0]
+    app[FRONT_DOOR] = door
     app.cleanup_ctx.append(_announce)
     app.router.add_post("/download", post_download)
     app.router.add_get("/hb", heartbeat)

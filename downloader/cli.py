@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import ipaddress
+import resource
 import signal
 import sys
 import urllib.error
@@ -15,7 +17,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import start_http_server
 
-from downloader.api import build_app
+from downloader.api import FRONT_DOOR, build_app
 from downloader.backends import Backend
 from downloader.backends.http import HttpBackend
 from downloader.config import Config, load_config
@@ -38,6 +40,11 @@ from downloader.tenants import Tenants
 __all__ = ["main"]
 
 log = get_logger("downloader")
+
+FILES_BESIDES_CONNECTIONS = 1024
+"""Open files an api needs besides its client connections and their Redis connections: Redis
+connections of its own, refused connections being answered, and in `run` the processor's
+downloads (a socket and a file each) and the notifier's callbacks."""
 
 
 def make_backends(config: Config) -> dict[str, Backend]:
@@ -95,17 +102,18 @@ async def _storage(config: Config) -> AsyncIterator[Storage]:
 async def _start_api(
     config: Config, storage: Storage, host: str, port: int, serve_files: bool
 ) -> tuple[web.AppRunner, str]:
-    """Listen on host:port; the runner and the dashboard's URL (with the port bound for 0)."""
-    runner = web.AppRunner(build_app(config, storage, serve_files=serve_files), access_log=None)
+    """Listen on host:port through the front door (connection limits and deadlines); the
+    runner and the dashboard's URL (with the port bound for 0)."""
+    app = build_app(config, storage, serve_files=serve_files)
+    door = app[FRONT_DOOR]
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=door.keepalive_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
-        await site.start()
+        bound = await door.serve(runner, host, port)
     except BaseException:
         await runner.cleanup()
         raise
-    bound = runner.addresses[0][1] if runner.addresses else port
-    log.info("api listening", host=host, port=bound)
+    log.info("api listening", host=host, port=bound, max_connections=door.max_connections)
     return runner, f"http://{_url_host(host)}:{bound}/"
 
 
@@ -119,6 +127,7 @@ async def _serve_until(runner: web.AppRunner, stop: asyncio.Event) -> None:
     try:
         await stop.wait()
     finally:
+        runner.app[FRONT_DOOR].close()  # stop listening first
         await runner.cleanup()
 
 
@@ -151,9 +160,9 @@ async def _run(args: argparse.Namespace, config: Config, embedded: EmbeddedRedis
         return 2
     if args.command != "run" or "api" not in roles:
         for role in roles - {"api"}:
-            port = getattr(config, role).metrics_port
-            if port:
-                start_http_server(port)
+            section = getattr(config, role)
+            if section.metrics_port:
+                start_http_server(section.metrics_port, addr=section.metrics_host)
     async with _storage(config) as storage:
         # the API listens first: a port in use stops us before any work is taken
         tasks: list[asyncio.Task[None]] = []
@@ -210,13 +219,56 @@ def _ports_problem(args: argparse.Namespace, config: Config) -> str | None:
         if error is not None:
             return f"cannot listen on {host}:{port}: {error.strerror}; set api.host or --host"
     if args.command in ("processor", "notifier"):
-        port = getattr(config, args.command).metrics_port
-        error = listen_error("0.0.0.0", port)  # where prometheus_client listens
+        section = getattr(config, args.command)
+        port, host = section.metrics_port, section.metrics_host
+        error = listen_error(host, port)  # where prometheus_client listens
         if error is not None and error.errno == errno.EADDRINUSE:
             return f"{args.command}.metrics_port {port} is already in use; stop it or set another"
         if error is not None:
-            return f"cannot listen on {args.command}.metrics_port {port}: {error.strerror}"
+            return (
+                f"cannot listen on {args.command}.metrics_host {host} port {port}: {error.strerror}"
+            )
     return None
+
+
+def _exposure_problem(host: str, config: Config) -> str | None:
+    """A one-line refusal when the API would listen beyond this machine with no token."""
+    if config.api.tokens or config.api.allow_anonymous or _is_loopback(host):
+        return None
+    return (
+        f"the api would listen on {host or 'every address'}, which is not a loopback address, "
+        "with no api.tokens: anyone who can reach it could submit jobs. Set api.tokens, or "
+        "api.allow_anonymous: true to serve without tokens on purpose"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a listen address is this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _file_limit_problem(config: Config) -> str | None:
+    """Raise this process's open-file limit to what api.max_connections needs (as far as the
+    hard limit allows); a one-line error when it cannot get there."""
+    needed = 2 * config.api.max_connections + FILES_BESIDES_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    if hard == resource.RLIM_INFINITY or hard >= needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return None
+    return (
+        f"api.max_connections {config.api.max_connections} needs about {needed} open files, "
+        f"but this process may open {hard} (ulimit -n, LimitNOFILE, compose ulimits); "
+        "raise the limit or lower api.max_connections"
+    )
 
 
 def _is_downloader(host: str, port: int) -> bool:
@@ -325,11 +377,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
+        if problem := _exposure_problem(config.api.host, config):
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         print(f"{args.config}: valid configuration")
         return 0
     configure_logging(config.log)
     for note in notes:
         log.warning(note, config=args.config)
+    if args.command in ("api", "run"):
+        problem = _exposure_problem(_api_address(args, config)[0], config)
+        if problem := problem or _file_limit_problem(config):
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     if problem := _ports_problem(args, config):
         print(f"error: {problem}", file=sys.stderr)
         return 2

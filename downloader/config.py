@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from downloader.errors import ConfigError
+from downloader.headerpolicy import header_problem
 
 __all__ = [
     "ENV_PREFIX",
@@ -78,6 +79,19 @@ def _host_port(addr: str, default_port: int) -> tuple[str, int]:
     if not 0 < number < 65536:
         raise ValueError(f"{addr.strip()!r} has no valid port")
     return host or "127.0.0.1", number
+
+
+_ORIGIN = re.compile(r"^(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?/?$")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _origin(value: str) -> str:
+    """A browser origin as browsers send it in `Origin`: lowercase, no default port, no path."""
+    match = _ORIGIN.match(value.strip().lower())
+    if not match:
+        raise ValueError(f"{value!r} is not an origin like https://app.example.com[:port]")
+    scheme, host, port = match.groups()
+    return f"{scheme}://{host}" + (f":{port}" if port and port != _DEFAULT_PORTS[scheme] else "")
 
 
 class _Section(BaseModel):
@@ -221,6 +235,26 @@ class ApiConfig(_Section):
     """How long an Idempotency-Key maps to its job."""
     serve_files: bool = False
     """Serve the file store under /files/ (for `make run`; use a real web server in production)."""
+    allow_anonymous: bool = False
+    """Serve without tokens on a non-loopback address (`api` and `run` refuse to otherwise)."""
+    allowed_origins: list[str] = []
+    """Browser origins (`scheme://host[:port]`) whose pages may call the API; a request carrying
+    any other `Origin` header is refused with 403. Requests without `Origin` are unaffected."""
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    """How long a connection may take to send a whole request head (from its first byte)."""
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    """How long a request body may take to arrive, once its head has."""
+    keepalive_timeout_seconds: float = Field(75.0, gt=0)
+    """How long an idle keep-alive connection stays open between requests."""
+    max_connections: int = Field(1000, gt=0)
+    """Open client connections; beyond it the oldest idle one is closed, or when none is idle
+    the new one is answered 503 and closed."""
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        return [_origin(o) for o in v]
+
     max_extra_bytes: int = Field(8 * 1024, gt=0)
     """The largest `extra` of a job (UTF-8 bytes): it is stored with the job and sent back."""
     max_aggregations_per_tenant: int = Field(10_000, gt=0)
@@ -318,7 +352,17 @@ class ProcessorConfig(_Section):
     disk_resume_percent: float = Field(90.0, gt=0, le=100)
     disk_check_interval_ms: int = Field(5_000, ge=10)
     metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    """Where a standalone processor serves its metrics (0.0.0.0: every interface)."""
     shutdown_grace_seconds: float = Field(10.0, ge=0)
+
+    @field_validator("request_headers")
+    @classmethod
+    def _default_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if problem := header_problem(name, value):
+                raise ValueError(problem)
+        return v
 
     @field_validator("filestorage", mode="before")
     @classmethod
@@ -369,6 +413,8 @@ class NotifierConfig(_Section):
         None, ge=100, description="deprecated, ignored: dead_after_ms decides when callbacks move"
     )
     metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    """Where a standalone notifier serves its metrics (0.0.0.0: every interface)."""
     signing_secret: str | None = None
     shutdown_grace_seconds: float = Field(10.0, ge=0)
 

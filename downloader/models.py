@@ -8,21 +8,27 @@ from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from aiohttp import encode_basic_auth
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from yarl import URL
 
 from downloader.config import REGION_MAX, Config, S3Config, is_bucket_name, is_region_name
 from downloader.errors import ValidationFailed
+from downloader.headerpolicy import HEADER_NAME, forbidden_header
 from downloader.mime import MimePattern
 from downloader.s3store import user_metadata
 
 __all__ = ["INT32_MAX", "DownloadRequest", "check_s3_policy", "parse_download_request"]
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 INT32_MAX = 2**31 - 1
 """The largest aggr_limit or max_retries taken: what the original's clients can send it."""
 # Optional strings that a client of the original may send empty to mean "not given"
+_TWO_CREDENTIALS = (
+    "request_headers: Authorization cannot be combined with credentials in url "
+    "(user:password@): give one of them"
+)
 _EMPTY_MEANS_ABSENT = ("callback_type", "callback_dst", "callback_url", "s3_bucket", "s3_region")
 
 
@@ -40,7 +46,32 @@ def _check_http_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an absolute http or https URL")
     _check_host(parts.hostname)
+    try:
+        url = URL(value)  # as the HTTP client will read it
+    except ValueError as exc:
+        raise ValueError(f"must be a valid URL ({exc})") from exc
+    _check_userinfo(url)
     return value
+
+
+def _check_userinfo(url: URL) -> None:
+    """Refuse credentials in a URL that the HTTP client cannot send as Basic credentials: a
+    ':' in the user name (percent-encoded), or characters outside Latin-1."""
+    if not has_userinfo(url):
+        return
+    try:
+        encode_basic_auth(url.user or "", url.password or "", "latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "must have a user name and password in Latin-1 (HTTP Basic credentials)"
+        ) from None
+    except ValueError:
+        raise ValueError("must not have a ':' in the user name (%3A)") from None
+
+
+def has_userinfo(url: URL) -> bool:
+    """Whether `url` carries credentials (`user@`, `user:password@`, `:password@`)."""
+    return url.raw_user is not None or url.raw_password is not None
 
 
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -140,11 +171,21 @@ class DownloadRequest(BaseModel):
         if len(v) > 100:
             raise ValueError("must have at most 100 headers")
         for name, value in v.items():
-            if not _TOKEN.match(name):
+            if not HEADER_NAME.match(name):
                 raise ValueError(f"must have valid header names, not {name!r}")
             if isinstance(value, str) and _CONTROL.search(value.replace("\t", "")):
                 raise ValueError(f"must not have control characters in the value of {name!r}")
+            if reason := forbidden_header(name):
+                raise ValidationFailed("request_headers", f"request_headers: {reason}")
         return v
+
+    @model_validator(mode="after")
+    def _credentials_once(self) -> DownloadRequest:
+        if has_userinfo(URL(self.url)) and any(
+            k.lower() == "authorization" for k in self.request_headers
+        ):
+            raise ValidationFailed("request_headers", _TWO_CREDENTIALS)
+        return self
 
     @model_validator(mode="after")
     def _callback_and_bucket(self) -> DownloadRequest:
@@ -256,9 +297,24 @@ def check_extra_size(req: DownloadRequest, config: Config) -> None:
         )
 
 
+def check_default_credentials(req: DownloadRequest, config: Config) -> None:
+    """Refuse credentials in `url` when the configured default headers (processor.
+    request_headers) send an Authorization the job does not override: the HTTP client cannot
+    send both."""
+    if has_userinfo(URL(req.url)) and any(
+        k.lower() == "authorization" for k in config.processor.request_headers
+    ):
+        raise ValidationFailed(
+            "url",
+            "url cannot carry credentials (user:password@) on this service: "
+            "processor.request_headers sends an Authorization header with every download",
+        )
+
+
 POLICIES: tuple[Callable[[DownloadRequest, Config], None], ...] = (
     check_extra_size,
     lambda req, config: check_s3_policy(req, config.s3),
+    check_default_credentials,
 )
 """The deployment's rules on a well-formed request, in order: each raises ValidationFailed."""
 

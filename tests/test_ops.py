@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import yaml
 
+from downloader.cli import _exposure_problem, _is_loopback
 from downloader.config import Config, load_config
 from downloader.filestore import FileStore
 from harness.servers import free_port, wait_http
@@ -282,6 +283,20 @@ def test_production_config_loads_through_the_cli(tmp_path: Path) -> None:
     assert result.returncode == 2 and "processor.nope" in result.stderr
 
 
+def test_compose_api_listens_on_the_network_only_with_a_token() -> None:
+    """The compose api listens beyond loopback (`--host 0.0.0.0`), which it may do only because
+    its environment gives it a token; the shared config file alone keeps to loopback."""
+    api = downloader_services()["api"]
+    command = api["command"]
+    host = command[command.index("--host") + 1]
+    config = effective_config(api)
+    assert not _is_loopback(host) and config.api.tokens
+    assert _exposure_problem(host, config) is None
+    bare = load_config(mounted_file(api, config_arg(command)), environ={})
+    assert _exposure_problem(host, bare) is not None, "without the env it would be refused"
+    assert _is_loopback(bare.api.host)
+
+
 def test_prometheus_scrapes_every_replica_on_the_configured_ports() -> None:
     """Prometheus finds every container of each role by DNS, on the port its config serves."""
     prometheus = yaml.safe_load((OPS / "prometheus.yml").read_text())
@@ -291,6 +306,8 @@ def test_prometheus_scrapes_every_replica_on_the_configured_ports() -> None:
         port = config.api.port if name == "api" else getattr(config, name).metrics_port
         assert port, f"{name} serves metrics"
         job = jobs[f"downloader-{name}"]
+        if name != "api":  # Prometheus runs in another container
+            assert getattr(config, name).metrics_host == "0.0.0.0", name
         assert "static_configs" not in job, "a static target reaches one replica per scrape"
         assert job["dns_sd_configs"] == [{"names": [name], "type": "A", "port": port}]
         if name == "api":
@@ -369,6 +386,8 @@ def test_systemd_units_run_the_cli_from_the_readme_venv(tmp_path: Path) -> None:
     raised fd limit and a stop timeout above the grace; systemd-analyze accepts it."""
     venv = readme_venv()
     config = load_config(OPS / "config.production.json", environ={})
+    # on a host, metrics stay on loopback unless <role>.env says otherwise (README, systemd)
+    assert config.processor.metrics_host == config.notifier.metrics_host == "127.0.0.1"
     assert [u.name for u in UNITS] == [
         f"downloader-{role}.service" for role in ("api", "notifier", "processor")
     ]
