@@ -196,12 +196,17 @@ async def _open(
     while True:
         if req.proxy is not None:
             await _check_proxied(egress.policy, url)
-        resp = await _within_window(
-            progress,
-            session.get(
-                url, headers=headers, proxy=req.proxy, timeout=timeout, allow_redirects=False
-            ),
-        )
+        try:
+            resp = await _within_window(
+                progress,
+                session.get(
+                    url, headers=headers, proxy=req.proxy, timeout=timeout, allow_redirects=False
+                ),
+            )
+        except aiohttp.InvalidURL:
+            raise
+        except ValueError as exc:  # what aiohttp cannot send (e.g. a redirect's credentials)
+            raise PermanentError(f"Invalid request to {url.host}: {exc}") from exc
         location = resp.headers.get("Location")
         if resp.status not in _REDIRECTS or location is None:
             progress.code = resp.status

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from downloader.embedded import EmbeddedRedis
 from downloader.fetch import MAX_REDIRECTS
-from harness.servers import FileServer, LoggingProxy, Reply
+from harness.servers import CallbackReceiver, FileServer, LoggingProxy, Reply, job_request
 from tests.conftest import Proc, Service
 
 ServiceFactory = Callable[..., Awaitable[Service]]
@@ -309,3 +309,32 @@ async def test_a_cookie_set_by_one_job_s_origin_is_not_sent_with_another_job(
     await svc.wait_job(second, lambda j: j["download_state"] == "Success")
     [request] = files.requests["/get"]
     assert "Cookie" not in request, request
+
+
+async def test_a_redirect_to_credentials_the_client_cannot_send_fails_cleanly(
+    service_factory: Any, receiver: CallbackReceiver
+) -> None:
+    """A redirect whose Location carries credentials aiohttp cannot encode (not Latin-1) fails
+    the job with a sentence, never `Internal error`; the credentials do not show."""
+    svc = await service_factory()
+
+    async def hop(request: web.Request) -> web.Response:
+        host = request.host
+        raise web.HTTPFound(f"http://%E2%82%AC:s3cr%E2%82%ACt@{host}/final")
+
+    app = web.Application()
+    app.router.add_get("/start", hop)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        job_id = await svc.submit(
+            **job_request(f"http://127.0.0.1:{port}/start", receiver.url("/cb"), max_retries=0)
+        )
+        [callback] = await receiver.wait_for(job_id)
+    finally:
+        await runner.cleanup()
+    assert callback["success"] is False
+    assert "Internal error" not in callback["error"], callback["error"]
+    assert "s3cr" not in callback["error"]
