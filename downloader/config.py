@@ -250,17 +250,17 @@ class ApiConfig(_Section):
     """Open client connections; beyond it the oldest idle one is closed, or when none is idle
     the new one is answered 503 and closed."""
 
-    @field_validator("allowed_origins")
-    @classmethod
-    def _origins(cls, v: list[str]) -> list[str]:
-        return [_origin(o) for o in v]
-
     max_extra_bytes: int = Field(8 * 1024, gt=0)
     """The largest `extra` of a job (UTF-8 bytes): it is stored with the job and sent back."""
     max_aggregations_per_tenant: int = Field(10_000, gt=0)
     """Aggregations with unfinished jobs one tenant (or the anonymous caller) may have at once."""
     aggregations_page_limit: int = Field(1000, gt=0)
     """The most entries one GET /dashboard/aggregations answers (`?limit=` asks for fewer)."""
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        return [_origin(o) for o in v]
 
     @field_validator("tokens")
     @classmethod
