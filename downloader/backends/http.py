@@ -1,8 +1,14 @@
-"""HTTP callbacks: POST the JSON payload with one shared session; any 2xx is delivered."""
+"""HTTP callbacks: POST the JSON payload with one shared session; any 2xx is delivered.
+
+A receiver's answer is read only as far as ANSWER_READ_BYTES and never decompressed, so a huge
+or compressed answer cannot grow the notifier; a connection whose answer was not read to its end
+is closed, never put back in the pool. A non-2xx answer's first characters, made printable, end
+the delivery error."""
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 
 import aiohttp
@@ -12,7 +18,40 @@ from downloader.backends import Delivery, Payload
 from downloader.httperrors import describe
 from downloader.netguard import NetworkPolicy, find_blocked
 
-__all__ = ["HttpBackend"]
+__all__ = ["ANSWER_READ_BYTES", "EXCERPT_CHARS", "HttpBackend", "answer_excerpt"]
+
+ANSWER_READ_BYTES = 4096
+"""The most of a receiver's answer read: enough for an error message, a page at most."""
+EXCERPT_CHARS = 200
+"""The most of a non-2xx answer quoted in `delivery_error`."""
+_BLANKS = re.compile(r"\s+")
+
+
+def answer_excerpt(head: bytes, content_encoding: str = "") -> str:
+    """The start of an answer as one printable line of at most EXCERPT_CHARS characters: text
+    decoded as UTF-8, every control, format or separator character (CR, LF, ESC, bidi
+    overrides...) a space, blanks collapsed. A compressed answer is not quoted: ''."""
+    if content_encoding.strip().lower() not in ("", "identity"):
+        return ""
+    text = head.decode("utf-8", errors="replace")
+    text = "".join(c if c.isprintable() else " " for c in text)
+    text = _BLANKS.sub(" ", text).strip()
+    if len(text) > EXCERPT_CHARS:
+        text = text[: EXCERPT_CHARS - 3].rstrip() + "..."
+    return text
+
+
+async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the answer's body, as they come (raw: never decompressed)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await resp.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class HttpBackend:
@@ -32,7 +71,7 @@ class HttpBackend:
             limit=self.limit, socket_factory=self.policy.socket_factory()
         )
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=self.timeout, trust_env=False
+            connector=connector, timeout=self.timeout, trust_env=False, auto_decompress=False
         )
 
     async def deliver(
@@ -40,7 +79,11 @@ class HttpBackend:
     ) -> Delivery:
         assert self.session is not None, "start() first"
         body = json.dumps(payload, separators=(",", ":"))
-        headers = {"Content-Type": "application/json", "User-Agent": "downloader"}
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "downloader",
+            "Accept-Encoding": "identity",  # we never decompress: do not ask for it
+        }
         if self.signer is not None:
             # Standard Webhooks: the id stays the same across retries of one callback.
             now = datetime.now(tz=UTC)
@@ -49,10 +92,14 @@ class HttpBackend:
             headers["webhook-signature"] = self.signer.sign(job_id, now, body)
         try:
             async with self.session.post(destination, data=body, headers=headers) as resp:
-                await resp.read()
+                head = await _read_head(resp, ANSWER_READ_BYTES)
+                if not resp.content.at_eof():
+                    resp.close()  # the rest stays unread: drop the connection, not drain it
                 if 200 <= resp.status < 300:
                     return Delivery(True)
-                return Delivery(False, f"Received status code {resp.status}")
+                error = f"Received status code {resp.status}"
+                excerpt = answer_excerpt(head, resp.headers.get("Content-Encoding", ""))
+                return Delivery(False, f"{error}: {excerpt}" if excerpt else error)
         except TimeoutError:
             return Delivery(False, f"No answer within {self.timeout.total:g} s")
         except (aiohttp.ClientError, OSError) as exc:
