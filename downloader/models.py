@@ -10,12 +10,25 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from downloader.config import REGION_MAX, Config, S3Config, is_bucket_name, is_region_name
+from downloader.config import (
+    REGION_MAX,
+    Config,
+    S3Config,
+    is_bucket_name,
+    is_region_name,
+    kafka_topic_refusal,
+)
 from downloader.errors import ValidationFailed
 from downloader.mime import MimePattern
 from downloader.s3store import user_metadata
 
-__all__ = ["INT32_MAX", "DownloadRequest", "check_s3_policy", "parse_download_request"]
+__all__ = [
+    "INT32_MAX",
+    "DownloadRequest",
+    "check_kafka_topic",
+    "check_s3_policy",
+    "parse_download_request",
+]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -242,8 +255,22 @@ def check_s3_policy(req: DownloadRequest, s3: S3Config) -> None:
         )
 
 
+def check_kafka_topic(req: DownloadRequest, config: Config) -> None:
+    """Refuse a Kafka callback to a topic callers may not write to: an internal topic (`_*`),
+    the event export topic, or one outside backends.kafka.allowed_topics when that is set."""
+    if req.callback_kind != "kafka":
+        return
+    topic = req.callback_target
+    why = kafka_topic_refusal(
+        topic, config.backends.kafka_allowed_topics, config.events.kafka_topic
+    )
+    if why:
+        raise ValidationFailed("callback_dst", f"callback_dst {topic!r} {why}")
+
+
 POLICIES: tuple[Callable[[DownloadRequest, Config], None], ...] = (
     lambda req, config: check_s3_policy(req, config.s3),
+    check_kafka_topic,
 )
 """The deployment's rules on a well-formed request, in order: each raises ValidationFailed."""
 
