@@ -386,6 +386,11 @@ class S3Config(_Section):
     """Object key = key_prefix + job id."""
     allowed_buckets: list[str] = []
     """When non-empty, jobs may only name these buckets."""
+    allowed_regions: list[str] = []
+    """When non-empty, jobs may only name these regions (`s3_region`)."""
+    max_clients: int = Field(16, ge=1, le=1024)
+    """S3 clients kept, one per region (about 0.4 MiB each); beyond it the least recently used
+    is closed once no upload uses it."""
     addressing_style: Literal["auto", "virtual", "path"] = "auto"
     max_attempts: int = Field(3, ge=1, le=20)
     """Attempts of each S3 request inside one upload (botocore's standard retry mode)."""
@@ -414,6 +419,14 @@ class S3Config(_Section):
         for name in v:
             if not is_bucket_name(name):
                 raise ValueError(f"{name!r} is not a valid S3 bucket name")
+        return v
+
+    @field_validator("allowed_regions")
+    @classmethod
+    def _regions(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not is_region_name(name):
+                raise ValueError(f"{name!r} is not a region name like eu-west-1")
         return v
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ __all__ = [
     "DownloadRequest",
     "check_kafka_topic",
     "check_s3_policy",
+    "check_s3_region",
     "parse_download_request",
 ]
 
@@ -268,9 +269,19 @@ def check_kafka_topic(req: DownloadRequest, config: Config) -> None:
         raise ValidationFailed("callback_dst", f"callback_dst {topic!r} {why}")
 
 
+def check_s3_region(req: DownloadRequest, config: Config) -> None:
+    """Refuse a region outside s3.allowed_regions, when that is set."""
+    allowed = config.s3.allowed_regions
+    if req.s3_region is not None and allowed and req.s3_region not in allowed:
+        raise ValidationFailed(
+            "s3_region", f"s3_region {req.s3_region!r} is not one of the allowed regions"
+        )
+
+
 POLICIES: tuple[Callable[[DownloadRequest, Config], None], ...] = (
     lambda req, config: check_s3_policy(req, config.s3),
     check_kafka_topic,
+    check_s3_region,
 )
 """The deployment's rules on a well-formed request, in order: each raises ValidationFailed."""
 
