@@ -7,6 +7,7 @@ receivers on loopback, and compare its resident memory before and after (/proc/<
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import zlib
@@ -88,7 +89,8 @@ class HostileReceiver(_Server):
     """A callback receiver whose answers a tenant chose to hurt the notifier. Paths:
     `/huge` 200 with a HUGE_BYTES body, `/bomb` 200 with a gzip bomb (Content-Encoding: gzip)
     inflating to HUGE_BYTES, `/huge500` 500 with a HUGE_BYTES body, `/text500` 500 with a short
-    text holding control characters. Bodies are generated as they are sent.
+    text holding control characters, `/stall200` and `/stall503` the status and the start of a
+    body, then nothing until `close`. Bodies are generated as they are sent.
 
     `sent` counts the body bytes written per path, `finished` the answers sent to their end
     (a notifier that drops the connection early finishes none)."""
@@ -99,6 +101,7 @@ class HostileReceiver(_Server):
         self.sent: Counter[str] = Counter()
         self.finished: Counter[str] = Counter()
         self.request_headers: list[dict[str, str]] = []
+        self._closing = asyncio.Event()
 
     async def start(self) -> HostileReceiver:
         app = web.Application()
@@ -106,10 +109,21 @@ class HostileReceiver(_Server):
         await self._start(app)
         return self
 
+    async def close(self) -> None:
+        self._closing.set()
+        await super().close()
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         kind = request.match_info["kind"]
         self.received.append(json.loads(await request.read()))
         self.request_headers.append(dict(request.headers))
+        if kind in ("stall200", "stall503"):
+            resp = web.StreamResponse(status=int(kind[-3:]))
+            resp.content_length = 1000
+            await resp.prepare(request)
+            await resp.write(b"maintenance until 14:00")
+            await self._closing.wait()
+            return resp
         if kind == "text500":
             text = "database\r\nis down\x1b[31m\u202e " + "y" * 4 * ANSWER_READ_BYTES
             return web.Response(status=500, text=text)
@@ -189,6 +203,42 @@ async def test_non_2xx_answer_is_quoted_printable_and_short(
     assert error.startswith(prefix + "database is down [31m y"), error
     assert error.isprintable() and error.endswith("...")
     assert len(error) == len(prefix) + EXCERPT_CHARS
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("path", "state", "error"),
+    [
+        ("/stall200", "Success", ""),
+        ("/stall503", "Pending", "Received status code 503: maintenance until 14:00"),
+    ],
+    ids=["2xx", "503"],
+)
+async def test_answer_whose_body_stalls_is_recorded_by_its_status(
+    service_factory: ServiceFactory,
+    files: FileServer,
+    hostile: HostileReceiver,
+    path: str,
+    state: str,
+    error: str,
+) -> None:
+    """A receiver that sends its status and part of a body, then nothing, is recorded by that
+    status (a 2xx delivered, a 503 a retry quoting what came), not as an answer that never
+    came: the body of a 2xx is not waited for, that of a non-2xx only for the excerpt."""
+    svc: Service = await service_factory(
+        {
+            "backends": {"http": {"timeout": 60}},
+            "notifier": {"retry_schedule_seconds": [3600]},
+        }
+    )
+    job_id = await svc.submit(**job_request(files.add("/s.txt", b"s\n"), hostile.url(path)))
+    job = await svc.wait_job(
+        job_id,
+        lambda j: j["callback_state"] == "Success" or j["delivery_error"] != "",
+        timeout=90,
+    )
+    assert (job["callback_state"], job["delivery_error"]) == (state, error), job
+    assert job["callback_attempts"] == 1
 
 
 async def test_callbacks_ask_for_no_compression(

@@ -1,12 +1,15 @@
 """HTTP callbacks: POST the JSON payload with one shared session; any 2xx is delivered.
 
-A receiver's answer is read only as far as ANSWER_READ_BYTES and never decompressed, so a huge
-or compressed answer cannot grow the notifier; a connection whose answer was not read to its end
-is closed, never put back in the pool. A non-2xx answer's first characters, made printable, end
-the delivery error."""
+The status decides: a 2xx is delivered as soon as its headers are in (as the original did; the
+body is not waited for). Of a non-2xx answer at most ANSWER_READ_BYTES are read, for a short
+printable excerpt that ends the delivery error. Nothing is ever decompressed, so a huge or
+compressed answer cannot grow the notifier, and a connection whose answer was not read to its
+end is closed, never put back in the pool."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 from datetime import UTC, datetime
@@ -18,12 +21,14 @@ from downloader.backends import Delivery, Payload
 from downloader.httperrors import describe
 from downloader.netguard import NetworkPolicy, find_blocked
 
-__all__ = ["ANSWER_READ_BYTES", "EXCERPT_CHARS", "HttpBackend", "answer_excerpt"]
+__all__ = ["ANSWER_READ_BYTES", "EXCERPT_CHARS", "EXCERPT_WAIT_S", "HttpBackend", "answer_excerpt"]
 
 ANSWER_READ_BYTES = 4096
 """The most of a receiver's answer read: enough for an error message, a page at most."""
 EXCERPT_CHARS = 200
 """The most of a non-2xx answer quoted in `delivery_error`."""
+EXCERPT_WAIT_S = 2.0
+"""How long a non-2xx answer's body is waited for: its status is known, the excerpt is a bonus."""
 _BLANKS = re.compile(r"\s+")
 
 
@@ -41,16 +46,19 @@ def answer_excerpt(head: bytes, content_encoding: str = "") -> str:
     return text
 
 
-async def _read_head(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """At most `limit` bytes of the answer's body, as they come (raw: never decompressed)."""
+async def _read_head(resp: aiohttp.ClientResponse, limit: int, wait_s: float) -> bytes:
+    """At most `limit` bytes of the answer's body (raw: never decompressed), as many as came
+    within `wait_s` seconds or the request's own timeout."""
     chunks: list[bytes] = []
     size = 0
-    while size < limit:
-        chunk = await resp.content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
+        async with asyncio.timeout(wait_s):
+            while size < limit:
+                chunk = await resp.content.read(limit - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     return b"".join(chunks)
 
 
@@ -92,10 +100,13 @@ class HttpBackend:
             headers["webhook-signature"] = self.signer.sign(job_id, now, body)
         try:
             async with self.session.post(destination, data=body, headers=headers) as resp:
-                head = await _read_head(resp, ANSWER_READ_BYTES)
+                delivered = 200 <= resp.status < 300
+                head = (
+                    b"" if delivered else await _read_head(resp, ANSWER_READ_BYTES, EXCERPT_WAIT_S)
+                )
                 if not resp.content.at_eof():
                     resp.close()  # the rest stays unread: drop the connection, not drain it
-                if 200 <= resp.status < 300:
+                if delivered:
                     return Delivery(True)
                 error = f"Received status code {resp.status}"
                 excerpt = answer_excerpt(head, resp.headers.get("Content-Encoding", ""))
