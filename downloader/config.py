@@ -482,14 +482,18 @@ class Config(_Section):
     def _export_needs_kafka(self) -> Config:
         if self.events.kafka_topic and self.backends.kafka is None:
             raise ValueError("events.kafka_topic needs backends.kafka (the producer settings)")
+        if self.api.serve_files and self.processor.files_root is None:
+            raise ValueError(
+                "api.serve_files needs files on the filesystem (processor.filestorage)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _export_topic_not_allowed(self) -> Config:
         if self.events.kafka_topic in self.backends.kafka_allowed_topics:
             raise ValueError(
                 f"backends.kafka.allowed_topics names the event export topic "
                 f"{self.events.kafka_topic!r} (events.kafka_topic), which callers may never use"
-            )
-        if self.api.serve_files and self.processor.files_root is None:
-            raise ValueError(
-                "api.serve_files needs files on the filesystem (processor.filestorage)"
             )
         return self
 
