@@ -33,6 +33,7 @@ __all__ = [
     "S3Storage",
     "is_bucket_name",
     "is_region_name",
+    "kafka_topic_refusal",
     "load_config",
 ]
 
@@ -46,6 +47,8 @@ _RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 # AWS names regions like eu-west-1 or us-gov-east-1; S3-compatible stores use e.g. "auto", "nyc3"
 _REGION = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
 REGION_MAX = 32
+_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_KAFKA_TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}\*?$")
 
 
 def is_bucket_name(name: str) -> bool:
@@ -65,6 +68,26 @@ def is_region_name(name: str) -> bool:
     """A region name like eu-west-1: lowercase letters, digits and single hyphens, starting
     with a letter, at most REGION_MAX characters (it becomes part of the endpoint's hostname)."""
     return len(name) <= REGION_MAX and bool(_REGION.match(name))
+
+
+def kafka_topic_refusal(
+    topic: str, allowed_topics: tuple[str, ...], export_topic: str | None = None
+) -> str:
+    """Why callers may not have callbacks produced to `topic`, or '' when they may. Refused:
+    a name starting with `_` (Kafka's internal `__consumer_offsets`, `__transaction_state`...,
+    and by convention platform topics such as Schema Registry's `_schemas`), the event export
+    topic, and, when `allowed_topics` is not empty, a topic none of its entries matches (an
+    entry is a topic name, or a prefix followed by `*`)."""
+    if topic.startswith("_"):
+        return "is an internal topic (a name starting with _)"
+    if export_topic is not None and topic == export_topic:
+        return "is the service's event export topic"
+    if allowed_topics and not any(
+        topic.startswith(entry[:-1]) if entry.endswith("*") else topic == entry
+        for entry in allowed_topics
+    ):
+        return "is not one of the allowed topics"
+    return ""
 
 
 def _host_port(addr: str, default_port: int) -> tuple[str, int]:
@@ -444,6 +467,34 @@ class HttpBackendConfig(_Section):
 class BackendsConfig(_Section):
     http: HttpBackendConfig | None = None
     kafka: dict[str, Any] | None = None
+    """librdkafka properties, passed through; and ours, taken out before librdkafka sees them:
+    `allowed_topics` (a list of topic names, or prefixes followed by `*`; empty: any topic)."""
+
+    @field_validator("kafka")
+    @classmethod
+    def _allowed_topics(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        entries = (v or {}).get("allowed_topics", [])
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise ValueError(
+                "allowed_topics must be a list of topic names or prefixes followed by *"
+            )
+        for entry in entries:
+            if not _KAFKA_TOPIC_PATTERN.match(entry):
+                raise ValueError(
+                    f"allowed_topics: {entry!r} is not a topic name ([A-Za-z0-9._-], 1-249 "
+                    f"characters), nor one followed by * (a prefix)"
+                )
+            if entry.startswith("_"):
+                raise ValueError(
+                    f"allowed_topics: {entry!r} names internal topics (starting with _), "
+                    f"which callers may never use"
+                )
+        return v
+
+    @property
+    def kafka_allowed_topics(self) -> tuple[str, ...]:
+        """`backends.kafka.allowed_topics`: the topics callbacks may go to; empty: any."""
+        return tuple((self.kafka or {}).get("allowed_topics", ()))
 
 
 DEFAULT_SECRET_QUERY_PARAMS = (
@@ -501,6 +552,11 @@ class S3Config(_Section):
     """Object key = key_prefix + job id."""
     allowed_buckets: list[str] = []
     """When non-empty, jobs may only name these buckets."""
+    allowed_regions: list[str] = []
+    """When non-empty, jobs may only name these regions (`s3_region`)."""
+    max_clients: int = Field(16, ge=1, le=1024)
+    """S3 clients kept, one per region (about 0.4 MiB each); beyond it the least recently used
+    is closed once no upload uses it."""
     addressing_style: Literal["auto", "virtual", "path"] = "auto"
     max_attempts: int = Field(3, ge=1, le=20)
     """Attempts of each S3 request inside one upload (botocore's standard retry mode)."""
@@ -531,6 +587,14 @@ class S3Config(_Section):
                 raise ValueError(f"{name!r} is not a valid S3 bucket name")
         return v
 
+    @field_validator("allowed_regions")
+    @classmethod
+    def _regions(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not is_region_name(name):
+                raise ValueError(f"{name!r} is not a region name like eu-west-1")
+        return v
+
     @model_validator(mode="after")
     def _key_pair(self) -> S3Config:
         if (self.access_key_id is None) != (self.secret_access_key is None):
@@ -554,8 +618,19 @@ class EventsConfig(_Section):
     stream_maxlen: int = Field(1_000_000, gt=0)
     """Approximate cap on the global event stream, the feed for exports."""
     kafka_topic: str | None = None
+    """The event export topic: never one of Kafka's internal topics (`__*`); callers can never
+    name it as their callback_dst."""
     export_lock_ms: int = Field(10_000, ge=100)
     """How long a dead exporter's lock keeps others from taking over the export."""
+
+    @field_validator("kafka_topic")
+    @classmethod
+    def _export_topic(cls, v: str | None) -> str | None:
+        if v is not None and not _KAFKA_TOPIC.match(v):
+            raise ValueError("must be a Kafka topic name ([A-Za-z0-9._-], 1-249 characters)")
+        if v is not None and v.startswith("__"):
+            raise ValueError(f"{v!r} is one of Kafka's internal topics (starting with __)")
+        return v
 
 
 class Config(_Section):
@@ -576,6 +651,15 @@ class Config(_Section):
         if self.api.serve_files and self.processor.files_root is None:
             raise ValueError(
                 "api.serve_files needs files on the filesystem (processor.filestorage)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _export_topic_not_allowed(self) -> Config:
+        if self.events.kafka_topic in self.backends.kafka_allowed_topics:
+            raise ValueError(
+                f"backends.kafka.allowed_topics names the event export topic "
+                f"{self.events.kafka_topic!r} (events.kafka_topic), which callers may never use"
             )
         return self
 

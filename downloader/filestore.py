@@ -122,9 +122,7 @@ class S3FileStore(_LocalTemp):
         """Delete the job's object (blocking; run it in a thread). Deleting a missing object
         succeeds. Raises TransientError or PermanentError."""
         try:
-            self.uploads.client(self.region).delete_object(
-                Bucket=self.bucket, Key=self.relative(job_id)
-            )
+            self.uploads.delete(self.bucket, self.region, self.relative(job_id))
         except (BotoCoreError, ClientError) as exc:
             raise classify_s3_error(exc, self.bucket, "delete") from exc
 

@@ -12,13 +12,27 @@ from aiohttp import encode_basic_auth
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from yarl import URL
 
-from downloader.config import REGION_MAX, Config, S3Config, is_bucket_name, is_region_name
+from downloader.config import (
+    REGION_MAX,
+    Config,
+    S3Config,
+    is_bucket_name,
+    is_region_name,
+    kafka_topic_refusal,
+)
 from downloader.errors import ValidationFailed
 from downloader.headerpolicy import HEADER_NAME, forbidden_header
 from downloader.mime import MimePattern
 from downloader.s3store import user_metadata
 
-__all__ = ["INT32_MAX", "DownloadRequest", "check_s3_policy", "parse_download_request"]
+__all__ = [
+    "INT32_MAX",
+    "DownloadRequest",
+    "check_kafka_topic",
+    "check_s3_policy",
+    "check_s3_region",
+    "parse_download_request",
+]
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -311,10 +325,34 @@ def check_default_credentials(req: DownloadRequest, config: Config) -> None:
         )
 
 
+def check_kafka_topic(req: DownloadRequest, config: Config) -> None:
+    """Refuse a Kafka callback to a topic callers may not write to: an internal topic (`_*`),
+    the event export topic, or one outside backends.kafka.allowed_topics when that is set."""
+    if req.callback_kind != "kafka":
+        return
+    topic = req.callback_target
+    why = kafka_topic_refusal(
+        topic, config.backends.kafka_allowed_topics, config.events.kafka_topic
+    )
+    if why:
+        raise ValidationFailed("callback_dst", f"callback_dst {topic!r} {why}")
+
+
+def check_s3_region(req: DownloadRequest, config: Config) -> None:
+    """Refuse a region outside s3.allowed_regions, when that is set."""
+    allowed = config.s3.allowed_regions
+    if req.s3_region is not None and allowed and req.s3_region not in allowed:
+        raise ValidationFailed(
+            "s3_region", f"s3_region {req.s3_region!r} is not one of the allowed regions"
+        )
+
+
 POLICIES: tuple[Callable[[DownloadRequest, Config], None], ...] = (
     check_extra_size,
     lambda req, config: check_s3_policy(req, config.s3),
     check_default_credentials,
+    check_kafka_topic,
+    check_s3_region,
 )
 """The deployment's rules on a well-formed request, in order: each raises ValidationFailed."""
 

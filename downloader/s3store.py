@@ -4,16 +4,24 @@ boto3's managed `upload_file` (s3transfer) does the work: a single PUT or a mult
 read from the file part by part, so memory does not grow with the file size. It is blocking,
 so it runs on a thread pool of our own (the loop's default pool stays free for the short hops
 other code makes). boto3 clients are thread-safe once created, sessions are not: clients are
-created under a lock, one per region, and shared by every upload."""
+created under a lock, one per region, and shared by every upload.
+
+Callers choose the region, so the clients (about 0.4 MiB each) are kept in a bounded cache,
+least recently used out (`s3.max_clients`). Uploads lease a client; one evicted while leased is
+closed when its last lease ends, never under a running upload."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
 import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +72,15 @@ _RETRIABLE_CODES = frozenset(
         "ExpiredToken",  # temporary credentials: the provider refreshes them
     }
 )
+
+
+@dataclass
+class _Client:
+    """A region's client, how many leases hold it, and whether the cache let go of it."""
+
+    client: Any
+    leases: int = 0
+    evicted: bool = False
 
 
 class _Cancelled(Exception):
@@ -147,7 +164,8 @@ class S3Store:
             max_pool_connections=max(10, cfg.upload_concurrency * 4),
         )
         self._transfer = TransferConfig(max_concurrency=cfg.upload_concurrency)
-        self._clients: dict[str, Any] = {}
+        self._clients: OrderedDict[str, _Client] = OrderedDict()  # least recently used first
+        self._draining = 0  # evicted clients still leased
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_uploads, thread_name_prefix="s3-upload")
 
@@ -159,19 +177,57 @@ class S3Store:
         """The `download_url` of an object: the s3:// URI the AWS CLI and SDKs take."""
         return f"s3://{bucket}/{key}"
 
-    def client(self, region: str) -> Any:
-        """The S3 client of `region`, made once (sessions are not thread-safe; clients are)."""
+    @contextlib.contextmanager
+    def lease(self, region: str) -> Iterator[Any]:
+        """The S3 client of `region`, for the block: made once, kept among the `s3.max_clients`
+        most recently used. A client evicted meanwhile is closed when its last lease ends."""
+        unused: list[_Client] = []
         with self._lock:
-            client = self._clients.get(region)
-            if client is None:
-                client = self._session.client(
-                    "s3",
-                    region_name=region,
-                    endpoint_url=self.cfg.endpoint_url,
-                    config=self._botocore,
+            entry = self._clients.get(region)
+            if entry is None:
+                entry = _Client(
+                    self._session.client(
+                        "s3",
+                        region_name=region,
+                        endpoint_url=self.cfg.endpoint_url,
+                        config=self._botocore,
+                    )
                 )
-                self._clients[region] = client
-            return client
+                self._clients[region] = entry
+                while len(self._clients) > self.cfg.max_clients:
+                    _region, old = self._clients.popitem(last=False)
+                    old.evicted = True
+                    if old.leases:
+                        self._draining += 1
+                    else:
+                        unused.append(old)
+            else:
+                self._clients.move_to_end(region)
+            entry.leases += 1
+        for old in unused:
+            old.client.close()
+        try:
+            yield entry.client
+        finally:
+            with self._lock:
+                entry.leases -= 1
+                last = entry.evicted and entry.leases == 0
+                if last:
+                    self._draining -= 1
+            if last:
+                entry.client.close()
+
+    @property
+    def open_clients(self) -> int:
+        """Clients not closed: the cached ones and the evicted ones still leased."""
+        with self._lock:
+            return len(self._clients) + self._draining
+
+    def delete(self, bucket: str, region: str, key: str) -> None:
+        """Delete one object (blocking: run it in a thread); a missing object is no error.
+        Raises botocore's errors."""
+        with self.lease(region) as client:
+            client.delete_object(Bucket=bucket, Key=key)
 
     async def upload(
         self,
@@ -217,19 +273,20 @@ class S3Store:
             if cancelled.is_set():
                 raise _Cancelled
 
-        self.client(region).upload_file(
-            str(path),
-            bucket,
-            key,
-            ExtraArgs=extra_args,
-            Config=self._transfer,
-            Callback=progress,
-        )
+        with self.lease(region) as client:
+            client.upload_file(
+                str(path),
+                bucket,
+                key,
+                ExtraArgs=extra_args,
+                Config=self._transfer,
+                Callback=progress,
+            )
 
     def close(self) -> None:
         """Stop taking uploads and close the clients' connection pools."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            for client in self._clients.values():
-                client.close()
+            for entry in self._clients.values():
+                entry.client.close()
             self._clients.clear()

@@ -440,6 +440,34 @@ async def test_http_only_notifier_fails_kafka_callbacks_at_once(
     assert await read_topic(topic).message_count() == 0
 
 
+async def test_allowed_topics_deliver_inside_and_refuse_outside(
+    kafka: Kafka,
+    service_factory: ServiceFactory,
+    files: FileServer,
+    read_topic: Callable[[str], TopicReader],
+) -> None:
+    """With backends.kafka.allowed_topics set, the callback and export producers start (the key
+    never reaches librdkafka), a callback to a topic under an allowed prefix is delivered and
+    exported, and a POST naming another, an internal or the export topic is 400."""
+    topic = await kafka.new_topic("allowed")
+    export = await kafka.new_topic("export")
+    svc: Service = await service_factory(
+        {
+            "backends": {"kafka": kafka.settings({"allowed_topics": ["allowed-*"]})},
+            "events": {"kafka_topic": export},
+        }
+    )
+    url = files.add("/allowed.txt", b"allowed topic\n")
+    job_id = await svc.submit(**kafka_job(url, topic))
+    await svc.wait_job(job_id, lambda p: p["callback_state"] == "Success")
+    [record] = (await read_topic(topic).keys({job_id}))[job_id]
+    assert record.value == success_payload(job_id, url)
+    assert job_id in await read_topic(export).keys({job_id})
+    for refused in (f"other-{uuid.uuid4().hex[:8]}", "__consumer_offsets", export):
+        status, answer = await svc.post("/download", kafka_job(url, refused))
+        assert (status, answer["field"]) == (400, "callback_dst"), (refused, answer)
+
+
 async def test_callbacks_are_retried_through_a_broker_outage_and_delivered_after_it(
     kafka: Kafka,
     service_factory: ServiceFactory,

@@ -2,7 +2,10 @@
 event id in a header; delivered only when the broker's delivery report says so.
 
 librdkafka's `produce` only queues; delivery reports arrive through `poll`, which a dedicated
-thread runs so the event loop never blocks on the producer."""
+thread runs so the event loop never blocks on the producer.
+
+Which topics callers may name is checked at POST (models.check_kafka_topic) and again here, at
+delivery, for callbacks accepted before the policy changed."""
 
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from downloader.backends import Delivery, Payload
+from downloader.config import kafka_topic_refusal
 
-__all__ = ["KafkaBackend", "producer_config"]
+__all__ = ["OUR_PROPERTIES", "KafkaBackend", "producer_config"]
 
 _DEFAULTS = {
     "message.timeout.ms": 30_000,
@@ -25,9 +29,14 @@ _DEFAULTS = {
 }
 
 
+OUR_PROPERTIES = frozenset({"allowed_topics"})
+"""Keys of `backends.kafka` that are ours, not librdkafka's (which refuses unknown ones)."""
+
+
 def producer_config(properties: dict[str, Any]) -> dict[str, Any]:
-    """librdkafka properties from `backends.kafka`, over our defaults."""
-    return {**_DEFAULTS, **properties}
+    """librdkafka properties from `backends.kafka`, over our defaults, without ours."""
+    librdkafka = {k: v for k, v in properties.items() if k not in OUR_PROPERTIES}
+    return {**_DEFAULTS, **librdkafka}
 
 
 def _settle(future: asyncio.Future[str], reason: str) -> None:
@@ -122,6 +131,7 @@ class KafkaBackend:
 
     def __init__(self, properties: dict[str, Any]) -> None:
         self.producer = PollingProducer(properties)
+        self.allowed_topics = tuple(properties.get("allowed_topics", ()))
 
     async def start(self) -> None:
         await asyncio.to_thread(self.producer.start)
@@ -129,6 +139,9 @@ class KafkaBackend:
     async def deliver(
         self, job_id: str, event_id: str, destination: str, payload: Payload, tenant: str = ""
     ) -> Delivery:
+        # checked at POST too; this catches callbacks accepted before the policy changed
+        if why := kafka_topic_refusal(destination, self.allowed_topics):
+            return Delivery(False, f"topic {destination!r} {why}", permanent=True)
         value = json.dumps(payload, separators=(",", ":")).encode()
         error = await self.producer.produce(
             destination, job_id, value, [("event-id", event_id.encode())]
