@@ -20,6 +20,7 @@ async def forever(
     Any other error is a bug: logged with its traceback, then the loop goes on after 1 s."""
     delay = 0.05
     down = False
+    task = asyncio.current_task()
     while not stopping():
         try:
             await step()
@@ -28,11 +29,17 @@ async def forever(
                 down = False
             delay = 0.05
         except StorageUnavailable as exc:
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancellation that lands mid-reconnect into a connection
+                # error: the loop was told to stop, and must, or its owner waits forever
+                raise asyncio.CancelledError from exc
             if not down:
                 log.warning("redis unreachable, backing off", loop=name, error=str(exc))
                 down = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-        except Exception:  # a bug, or e.g. a disk error: say so, and keep the loop alive
+        except Exception as exc:  # a bug, or e.g. a disk error: say so, and keep the loop alive
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc
             log.exception("background loop failed; resuming in 1 s", loop=name)
             await asyncio.sleep(1.0)

@@ -151,3 +151,27 @@ async def test_storage_raises_only_storage_unavailable_when_redis_is_down(
                 await call
     finally:
         await storage.close()
+
+
+async def test_a_loop_stops_when_cancelled_even_if_redis_py_turns_it_into_an_outage() -> None:
+    """redis-py can turn a cancellation that lands mid-reconnect into a connection error; a
+    background loop told to stop must stop all the same (a notifier once hung in its shutdown
+    waiting for its heartbeat loop after a Redis restart)."""
+    from downloader.errors import StorageUnavailable
+    from downloader.resilience import forever
+
+    entered = asyncio.Event()
+
+    async def step() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise StorageUnavailable("Error reconnecting: cancelled") from None
+
+    task = asyncio.create_task(forever("heartbeat", step, lambda: False))
+    await entered.wait()
+    task.cancel()
+    done, _pending = await asyncio.wait({task}, timeout=5)
+    assert task in done, "the loop went on after it was cancelled"
+    assert task.cancelled()
