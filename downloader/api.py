@@ -166,8 +166,9 @@ async def post_download(request: web.Request) -> web.Response:
     window_ms = int(config.api.idempotency_window_seconds * 1000)
     # One id per request: if redis-py resends the script after a lost reply, the second run
     # finds the job already there, which means this request was accepted.
-    job_id, replayed = await request.app[STORAGE].enqueue(
-        new_job_id(),
+    storage = request.app[STORAGE]
+    job_id, replayed = await storage.enqueue(
+        new_job_id(await storage.shard_for(req.aggr_id)),
         shown,
         key,
         fingerprint,
@@ -196,7 +197,7 @@ def _idempotency_key(request: web.Request) -> str:
 def _job_id(request: web.Request) -> str:
     """The job id of the path; an id that cannot exist is simply not found."""
     job_id = request.match_info["job_id"]
-    if not is_job_id(job_id):
+    if not is_job_id(job_id, request.app[STORAGE].shards):
         raise JobNotFound(job_id)
     return job_id
 
@@ -264,7 +265,7 @@ async def aggregations(request: web.Request) -> web.Response:
     scope = tenant_of(request).scope
     rows = await storage.pending_aggregations(limit, offset, scope)
     total = await storage.count_pending_aggregations(scope)
-    resp = json_response([{"name": f"jobs:{name}", "size": size} for name, size in rows])
+    resp = json_response([{"name": f"jobs:{name}", "size": size} for name, size, _s in rows])
     resp.headers["X-Total-Count"] = str(total)
     if offset + len(rows) < total:
         resp.headers["Link"] = (
@@ -276,8 +277,8 @@ async def aggregations(request: web.Request) -> web.Response:
 async def aggregation_details(request: web.Request) -> web.Response:
     storage = request.app[STORAGE]
     rows = await storage.pending_aggregations(limit=200, scope=tenant_of(request).scope)
-    details = await storage.aggregation_details([name for name, _ in rows])
-    for d, (_name, size) in zip(details, rows, strict=True):
+    details = await storage.aggregation_details([(name, s) for name, _n, s in rows])
+    for d, (_name, size, _s) in zip(details, rows, strict=True):
         d["pending"] = size
     return json_response(details)
 

@@ -193,12 +193,16 @@ async def _run(args: argparse.Namespace, config: Config, embedded: EmbeddedRedis
 
 
 async def _rebuild(config: Config) -> int:
+    """Refold every live job's projection from its events, shard by shard (from each shard's
+    job index: no key scan). A packed job's projection is folded whenever it is read."""
+    jobs = events = 0
     async with _storage(config) as storage:
-        ids = await storage.scan_job_ids()
-        events = 0
-        for job_id in ids:
-            events += await storage.rebuild(job_id)
-    print(f"rebuilt {len(ids)} jobs from {events} events")
+        for shard in storage.all_shards:
+            for job_id in await storage.job_ids(shard):
+                folded = await storage.rebuild(job_id)
+                jobs += folded > 0
+                events += folded
+    print(f"rebuilt {jobs} live jobs from {events} events")
     return 0
 
 

@@ -131,8 +131,20 @@ class RedisConfig(_Section):
     """The master's name at the sentinels (default `mymaster`)."""
     db: int = Field(0, ge=0)
     password: str | None = None
-    key_prefix: str = Field("dl", min_length=1)
+    key_prefix: str = Field("dl", min_length=1, max_length=64)
     embedded_dir: str = "var/redis"
+    cluster: bool = False
+    """Redis Cluster: `addr` names seed nodes (comma-separated `host:port`)."""
+    shards: int = Field(16, ge=1, le=62)
+    """Virtual shards the keys are spread over (the unit of Redis Cluster placement). Fixed for
+    the life of the data: changing it strands every job (drain the service first)."""
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if re.search(r"[{}\s]", v):
+            raise ValueError("must not hold braces or white space (it precedes the hash tags)")
+        return v
 
     @field_validator("addr")
     @classmethod
@@ -152,7 +164,16 @@ class RedisConfig(_Section):
     def _sentinels_named(self) -> RedisConfig:
         if self.sentinel is True and not self.addr:
             raise ValueError("sentinel: true needs addr (the comma-separated sentinels)")
+        if self.cluster and not self.addr:
+            raise ValueError("cluster: true needs addr (comma-separated seed nodes)")
+        if self.cluster and self.sentinels:
+            raise ValueError("cluster and sentinel exclude each other")
         return self
+
+    @property
+    def seeds(self) -> list[tuple[str, int]]:
+        """The seed nodes of a cluster (`addr`, comma-separated)."""
+        return [_host_port(a, 6379) for a in (self.addr or "").split(",") if a.strip()]
 
     @property
     def sentinels(self) -> list[tuple[str, int]]:
@@ -615,8 +636,11 @@ class LogConfig(_Section):
 class EventsConfig(_Section):
     retention_hours: float = Field(72.0, gt=0)
     """How long a settled job (callback done, file gone) keeps its projection and events."""
-    stream_maxlen: int = Field(1_000_000, gt=0)
-    """Approximate cap on the global event stream, the feed for exports."""
+    stream_maxlen: int = Field(100_000, gt=0)
+    """Approximate cap on each shard's event stream (the feed of the export)."""
+    stream_window_minutes: float = Field(60.0, gt=0)
+    """How long an event stays in its shard's stream (the export must keep within it); a job's
+    own events last as long as the job (retention_hours)."""
     kafka_topic: str | None = None
     """The event export topic: never one of Kafka's internal topics (`__*`); callers can never
     name it as their callback_dst."""

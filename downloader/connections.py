@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
@@ -90,8 +91,9 @@ class FollowingMasterPool(SentinelConnectionPool):
         await super().release(connection)
 
 
-def connect(config: Config) -> aioredis.Redis:
-    """A client for the configured Redis (or Sentinel-managed master)."""
+def connect(config: Config) -> Any:
+    """A client for the configured Redis: one server, the master a group of Sentinels names,
+    or a Redis Cluster (redis-py's cluster client: it follows MOVED and ASK, and a failover)."""
     rc = config.redis
     # Fail fast when Redis is down (the API answers 503 within about a second, loops back off
     # on their own) instead of redis-py's default of 10 retries with up to 10 s waits.
@@ -104,6 +106,19 @@ def connect(config: Config) -> aioredis.Redis:
         "retry": Retry(ExponentialBackoff(cap=0.25, base=0.02), 3),
         "health_check_interval": 30,
     }
+    if rc.cluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in rc.seeds],
+            password=rc.password,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=15,
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), 3),
+            max_connections=1024,
+            # a master lost mid-run: the client asks the cluster again and retries for ~5 s
+            # (cluster-node-timeout and the replica's promotion) before it gives up
+            cluster_error_retry_attempts=10,
+        )
     if rc.sentinels:
         sentinel = SerializedSentinel(rc.sentinels, **common)  # type: ignore[no-untyped-call]
         return cast(

@@ -1,8 +1,9 @@
 """Every job event type, named in the past tense; the fold that applies them is in
 scripts/prelude.lua (`fold`), so the live projection and a rebuild run the same code.
 
-Events are stored in Redis Streams as the fields `type`, `ts` (ms since the epoch, UTC), `v`
-(schema version) and `data` (JSON). The stream entry id is the event id."""
+An event is stored twice: in its shard's stream (the feed of the export: fields `j` job id, `t`
+type, `d` data JSON) and in its job's own list (a line `<id>\t<type>\t<data JSON>`). Its id is
+the id of the stream entry, `<ms since the epoch>-<seq>`, which is also its time."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ __all__ = [
     "JobAccepted",
     "JobEvent",
     "parse_event",
+    "parse_line",
 ]
 
 
@@ -182,18 +184,21 @@ def _unknown(etype: str) -> type[JobEvent]:
     return type("UnknownEvent", (JobEvent,), {"type": etype})
 
 
-def parse_event(event_id: str, fields: dict[str, str], job_id: str = "") -> JobEvent:
-    """A stream entry as an event object; unknown types (from a newer version) keep their data."""
-    cls = EVENT_TYPES.get(fields["type"]) or _unknown(fields["type"])
-    ts = datetime.fromtimestamp(int(fields["ts"]) / 1000, tz=UTC)
-    data = json.loads(fields.get("data") or "{}")
-    event = cls.model_validate(
-        {
-            **data,
-            "v": int(fields.get("v", 1)),
-            "id": event_id,
-            "job_id": fields.get("job_id", job_id),
-            "ts": ts,
-        }
-    )
-    return event
+def _event(event_id: str, etype: str, job_id: str, data_json: str) -> JobEvent:
+    """An event object; an unknown type (from a newer version) keeps its data. Its time is its
+    id's: an event id is the id of its entry in its shard's stream, `<ms>-<seq>`."""
+    cls = EVENT_TYPES.get(etype) or _unknown(etype)
+    ts = datetime.fromtimestamp(int(event_id.split("-", 1)[0]) / 1000, tz=UTC)
+    data = json.loads(data_json or "{}")
+    return cls.model_validate({**data, "id": event_id, "job_id": job_id, "ts": ts})
+
+
+def parse_event(event_id: str, fields: dict[str, str]) -> JobEvent:
+    """An entry of a shard's event stream (fields `j` job id, `t` type, `d` data)."""
+    return _event(event_id, fields["t"], fields["j"], fields.get("d", ""))
+
+
+def parse_line(line: str, job_id: str) -> JobEvent:
+    """A line of a job's own events (`<id>\t<type>\t<data JSON>`)."""
+    event_id, etype, data_json = line.split("\t", 2)
+    return _event(event_id, etype, job_id, data_json)

@@ -1,7 +1,8 @@
 """Event export: every job event, in stream order, to a Kafka topic (key = job id), at least once.
 
-One exporter runs at a time (a lock in Redis, renewed with every batch); it resumes from the
-last position it recorded, which it advances only after the broker acknowledged the batch. A
+Each shard's events are exported by one exporter at a time (a lock per shard in Redis, renewed
+with every batch; a job's events are all in its shard, so they stay in order); it resumes from
+the last position it recorded, which it advances only after the broker acknowledged the batch. A
 crash between the acknowledgement and the record sends the batch again: consumers see each
 event at least once, in order per job.
 
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from downloader.backends.kafka import PollingProducer
 from downloader.errors import StorageUnavailable
-from downloader.events import parse_event
 from downloader.log import get_logger
 from downloader.storage import Storage
 
@@ -44,7 +46,7 @@ class EventExporter:
         self.lock_ms = lock_ms
         self.batch = batch
         self.exported = 0
-        self._holding = False
+        self._holding: set[int] = set()  # shards whose export lock this exporter holds
 
     async def start(self) -> None:
         await asyncio.to_thread(self.producer.start)
@@ -52,38 +54,68 @@ class EventExporter:
     async def close(self, timeout_s: float) -> None:
         await asyncio.to_thread(self.producer.close, timeout_s)
 
-    async def step(self) -> None:
-        """Hold the lock, export one batch (or wait for one), record the position."""
+    def steps(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        """One loop per shard: each shard's events are exported in order under a lock of its
+        own, so the shards' exports run side by side (in one notifier or spread over several)."""
+        return [
+            (f"export-{s}", functools.partial(self.step, s))
+            for s in range(self.storage.shards)
+        ]
+
+    async def step(self, shard: int) -> None:
+        """Hold the shard's lock, export one batch (or wait for one), record the position."""
         try:
-            await self._export_batch()
+            await self._export_batch(shard)
         except asyncio.CancelledError:
             # The notifier is stopping: hand the lock over now, not lock_ms later. Whatever was
             # produced but not recorded is sent again by the next exporter (at least once).
-            if self._holding:
+            if shard in self._holding:
                 with contextlib.suppress(StorageUnavailable, TimeoutError):
-                    await asyncio.wait_for(self.storage.export_hold(self.owner, "", 1), 1.0)
+                    await asyncio.wait_for(
+                        self.storage.export_hold(shard, self.owner, "", 1), 1.0
+                    )
             raise
 
-    async def _export_batch(self) -> None:
-        self._holding = await self.storage.export_hold(self.owner, "", self.lock_ms)
-        if not self._holding:
+    async def _export_batch(self, shard: int) -> None:
+        if await self.storage.export_hold(shard, self.owner, "", self.lock_ms):
+            self._holding.add(shard)
+        else:
+            self._holding.discard(shard)
             await asyncio.sleep(self.lock_ms / 4000)
             return
-        position = await self.storage.export_position()
-        entries = await self.storage.read_events(position, self.batch, block_ms=self.lock_ms // 4)
-        if not entries:
+        position = await self.storage.export_position(shard)
+        events = await self.storage.read_events(
+            shard, position, self.batch, block_ms=self.lock_ms // 4
+        )
+        if not events:
             return
+        if position != "0-0" and events[0].id != position:
+            first = await self.storage.first_event_id(shard)
+            if _newer(first, position):
+                log.warning(
+                    "event export fell behind the stream's window; events were lost to it",
+                    shard=shard,
+                    exported_up_to=position,
+                    oldest_left=first,
+                )
         sends = []
-        for entry_id, fields in entries:
-            event = parse_event(entry_id, fields)
+        for event in events:
             value = json.dumps(event.as_json(), separators=(",", ":")).encode()
-            headers: list[tuple[str, str | bytes | None]] = [("event-id", entry_id.encode())]
+            headers: list[tuple[str, str | bytes | None]] = [("event-id", event.id.encode())]
             sends.append(self.producer.produce(self.topic, event.job_id, value, headers))
         errors = [e for e in await asyncio.gather(*sends) if e]
         if errors:
-            log.warning("event export failed, will resend", error=errors[0], batch=len(entries))
+            log.warning("event export failed, will resend", error=errors[0], batch=len(events))
             await asyncio.sleep(1)
             return
-        self._holding = await self.storage.export_hold(self.owner, entries[-1][0], self.lock_ms)
-        if self._holding:
-            self.exported += len(entries)
+        if await self.storage.export_hold(shard, self.owner, events[-1].id, self.lock_ms):
+            self.exported += len(events)
+        else:
+            self._holding.discard(shard)
+
+
+def _newer(a: str, b: str) -> bool:
+    """Whether stream id `a` comes after `b`."""
+    am, _, aseq = a.partition("-")
+    bm, _, bseq = b.partition("-")
+    return (int(am), int(aseq or 0)) > (int(bm), int(bseq or 0))

@@ -1,4 +1,5 @@
-"""Job ids: 14 random base62 characters (83 bits), like the original's `6QEywYsd0jrKAg`."""
+"""Job ids: 14 base62 characters like the original's `6QEywYsd0jrKAg`: 13 random ones (77 bits)
+and, last, the job's shard (see shards.py), so a job is found without a lookup."""
 
 from __future__ import annotations
 
@@ -6,15 +7,22 @@ import re
 import secrets
 import string
 
-__all__ = ["is_job_id", "new_job_id"]
+__all__ = ["ALPHABET", "is_job_id", "new_job_id", "shard_of"]
 
-_ALPHABET = string.ascii_letters + string.digits
-_SHAPE = re.compile(r"^[A-Za-z0-9]{1,64}$")
-
-
-def new_job_id() -> str:
-    return "".join(secrets.choice(_ALPHABET) for _ in range(14))
+ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase
+_SHAPE = re.compile(r"^[A-Za-z0-9]{14}$")
 
 
-def is_job_id(value: str) -> bool:
-    return bool(_SHAPE.match(value))
+def new_job_id(shard: int) -> str:
+    """A fresh id of a job living in `shard` (0-61)."""
+    return "".join(secrets.choice(ALPHABET) for _ in range(13)) + ALPHABET[shard]
+
+
+def shard_of(job_id: str) -> int:
+    """The shard a job id names (its last character)."""
+    return ALPHABET.index(job_id[-1])
+
+
+def is_job_id(value: str, shards: int) -> bool:
+    """Whether `value` can be the id of a job of a service with `shards` shards."""
+    return bool(_SHAPE.match(value)) and shard_of(value) < shards

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -104,7 +105,10 @@ class Notifier:
             forever("heartbeat", self.liveness.step, lambda: False), name="heartbeat"
         )
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("consume", self._consume_step),
+            (f"consume-{group[0]}", functools.partial(self._consume_step, group))
+            for group in self.storage.shard_groups()
+        ]
+        steps += [
             ("takeover", self._takeover_step),
             ("timer", self._timer_step),
             (
@@ -115,7 +119,7 @@ class Notifier:
             ),
         ]
         if self.exporter is not None:
-            steps.append(("export", self.exporter.step))
+            steps += self.exporter.steps()
         loops = [
             asyncio.create_task(forever(name, step, lambda: self._stopping), name=name)
             for name, step in steps
@@ -149,15 +153,18 @@ class Notifier:
                 await self.exporter.close(self.cfg.shutdown_grace_seconds)
             log.info("notifier stopped", instance=self.consumer)
 
-    async def _consume_step(self) -> None:
-        await self.storage.ensure_callback_group()
+    async def _consume_step(self, shards: list[int]) -> None:
+        """Read new callback entries of `shards` (one of storage.shard_groups()) as room frees."""
+        await self.storage.ensure_callback_groups()
         await self.liveness.started.wait()  # a consumer without a liveness key looks gone
         while not self._stopping:
             await self._slots.acquire()  # wait for room before taking entries off the stream
             self._slots.release()
             room = max(1, self.cfg.concurrency - len(self._inflight))
-            for entry_id, job_id in await self.storage.read_callbacks(self.consumer, room, 2000):
-                await self._spawn(entry_id, job_id)
+            for shard, entry_id, job_id in await self.storage.read_callbacks(
+                shards, self.consumer, room, 2000
+            ):
+                await self._spawn(shard, entry_id, job_id)
 
     async def _takeover_step(self) -> None:
         """Every heartbeat: take over the entries of gone notifiers (as many as there is room
@@ -176,53 +183,64 @@ class Notifier:
                     callbacks=len(gone.entries),
                 )
             for entry_id, job_id in gone.entries:
-                await self._spawn(entry_id, job_id)
+                await self._spawn(gone.shard, entry_id, job_id)
 
     async def _adopt_orphans(self) -> None:
         """Spawn a delivery for each entry of ours that no delivery holds."""
         self._orphaned = False
         try:
-            after = "0-0"
-            while rows := await self.storage.own_pending_callbacks(self.consumer, after, 100):
-                for entry_id, job_id in rows:
-                    await self._spawn(entry_id, job_id)
-                after = rows[-1][0]
+            for shard in self.storage.all_shards:
+                after = "0-0"
+                while rows := await self.storage.read_callbacks(
+                    [shard], self.consumer, 100, 0, after=after
+                ):
+                    for _s, entry_id, job_id in rows:
+                        await self._spawn(shard, entry_id, job_id)
+                    after = rows[-1][1]
         except BaseException:
             self._orphaned = True
             raise
 
     async def _timer_step(self) -> None:
-        _moved, next_ms = await self.storage.promote_callbacks()
+        """Put due callback retries of every shard back on their streams; sleep until the
+        next one is due (at most 1 s)."""
+        promoted = await asyncio.gather(
+            *(self.storage.promote_callbacks(s) for s in self.storage.all_shards)
+        )
+        due = [ms for _moved, ms in promoted if ms >= 0]
         self._timer_kick.clear()
-        wait_ms = 1000.0 if next_ms < 0 else max(1.0, min(float(next_ms), 1000.0))
+        wait_ms = max(1.0, min([1000.0, *map(float, due)]))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._timer_kick.wait(), wait_ms / 1000)
 
-    async def _spawn(self, entry_id: str, job_id: str) -> None:
-        if entry_id in self._held:  # read and found again as an orphan: one delivery
+    async def _spawn(self, shard: int, entry_id: str, job_id: str) -> None:
+        held = f"{shard}/{entry_id}"  # entry ids are unique per shard's stream
+        if held in self._held:  # read and found again as an orphan: one delivery
             return
-        self._held.add(entry_id)
+        self._held.add(held)
         try:
             await self._slots.acquire()
         except BaseException:
-            self._held.discard(entry_id)
+            self._held.discard(held)
             raise
-        task = asyncio.create_task(self._deliver(entry_id, job_id), name=f"callback:{job_id}")
-        self._inflight[entry_id] = task
+        task = asyncio.create_task(
+            self._deliver(shard, entry_id, job_id), name=f"callback:{job_id}"
+        )
+        self._inflight[held] = task
 
         def done(_t: asyncio.Task[None]) -> None:
-            self._inflight.pop(entry_id, None)
-            self._held.discard(entry_id)
+            self._inflight.pop(held, None)
+            self._held.discard(held)
             self._slots.release()
 
         task.add_done_callback(done)
 
-    async def _deliver(self, entry_id: str, job_id: str) -> None:
+    async def _deliver(self, shard: int, entry_id: str, job_id: str) -> None:
         try:
             if not job_id:  # the entry is gone from the stream
-                await self.storage.callback_skip(entry_id)
+                await self.storage.callback_skip(shard, entry_id)
                 return
-            await self._attempt(entry_id, job_id)
+            await self._attempt(shard, entry_id, job_id)
         except StorageUnavailable as exc:
             # The entry stays pending with us; the takeover loop delivers it again.
             self._orphaned = True
@@ -230,10 +248,10 @@ class Notifier:
                 "redis down during a callback; it will be retried", job_id=job_id, error=str(exc)
             )
 
-    async def _attempt(self, entry_id: str, job_id: str) -> None:
+    async def _attempt(self, shard: int, entry_id: str, job_id: str) -> None:
         job = await self.storage.callback_begin(job_id)
         if job is None:
-            await self.storage.callback_skip(entry_id)
+            await self.storage.callback_skip(shard, entry_id)
             return
         attempt = job.callback_attempts
         backend = self.backends.get(job.callback_type)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +102,13 @@ class Processor:
         self.s3 = S3Store(config.s3, self.cfg.max_workers) if config.s3.enabled else None
         self.egress = Egress.from_config(config)
         self.stats = ProcessorStats()
-        self.upkeep = Upkeep(self.cfg, storage, self.store, on_resume=self._rescan)
+        self.upkeep = Upkeep(
+            self.cfg,
+            storage,
+            self.store,
+            on_resume=self._rescan,
+            stream_window_ms=int(config.events.stream_window_minutes * 60_000),
+        )
         # job id -> the worker running it (a worker runs one job, then those handed on to it)
         self._active: dict[str, asyncio.Task[None]] = {}
         self._not_started: dict[str, str] = {}  # job id -> lease: handed to us while stopping
@@ -108,7 +116,8 @@ class Processor:
         self._leases: dict[str, str] = {}  # job id -> lease token of that download's claim
         self._recording: set[str] = set()  # jobs whose outcome finish.lua is writing now
         self._per_aggr: Counter[str] = Counter()
-        self._hot: dict[str, None] = {}  # aggregations that may have ready jobs, in turn order
+        # aggregations that may have ready jobs (id -> shard), in turn order
+        self._hot: dict[str, int] = {}
         self._kick = asyncio.Event()
         self._stopping = False
         self._session: aiohttp.ClientSession | None = None
@@ -124,15 +133,20 @@ class Processor:
         self._session = aiohttp.ClientSession(
             connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
         )
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            (f"wake-{group[0]}", functools.partial(self._wake_step, group))
+            for group in self.storage.shard_groups()
+        ]
+        steps += [
+            ("rescan", self._rescan_step),
+            ("dispatch", self._dispatch_step),
+            ("renew", self._renew_step),
+            ("stats", self._stats_step),
+            *self.upkeep.steps(),
+        ]
         loops = [
             asyncio.create_task(forever(name, step, lambda: self._stopping), name=name)
-            for name, step in (
-                ("wake", self._wake_step),
-                ("dispatch", self._dispatch_step),
-                ("renew", self._renew_step),
-                ("stats", self._stats_step),
-                *self.upkeep.steps(),
-            )
+            for name, step in steps
         ]
         log.info("processor started", instance=self.owner, max_workers=self.cfg.max_workers)
         try:
@@ -193,27 +207,28 @@ class Processor:
 
     # -- finding work ---------------------------------------------------------------------------
 
-    async def _wake_step(self) -> None:
-        position = await self.storage.wake_position()
-        await self._rescan()
-        next_rescan = time.monotonic() + self.cfg.rescan_interval_ms / 1000
+    async def _wake_step(self, shards: list[int]) -> None:
+        """Block on the wake streams of `shards` (one of storage.shard_groups()): an
+        aggregation announced there may have work, a job named there was aborted."""
+        positions = await self.storage.wake_positions(shards)
         while not self._stopping:
-            block_ms = max(1, min(5000, int((next_rescan - time.monotonic()) * 1000)))
-            position, aggrs, aborted = await self.storage.read_wakes(position, block_ms)
-            for job_id in aborted:
+            positions, wakes = await self.storage.read_wakes(positions, 5000)
+            for job_id in wakes.aborted:
                 if (task := self._active.get(job_id)) is not None:
                     log.info("download aborted by request", job_id=job_id)
                     task.cancel()
-            if aggrs:
-                self._hot.update(dict.fromkeys(aggrs))
+            if wakes.aggregations:
+                self._hot.update(wakes.aggregations)
                 self._kick.set()
-            if time.monotonic() >= next_rescan:
-                await self._rescan()
-                next_rescan = time.monotonic() + self.cfg.rescan_interval_ms / 1000
+
+    async def _rescan_step(self) -> None:
+        """The safety net under the wakes: every rescan_interval_ms, the registries."""
+        await self._rescan()
+        await asyncio.sleep(self.cfg.rescan_interval_ms / 1000)
 
     async def _rescan(self) -> None:
-        for aggr, _size in await self.storage.pending_aggregations():
-            self._hot.setdefault(aggr, None)
+        for aggr, _size, shard in await self.storage.pending_aggregations():
+            self._hot.setdefault(aggr, shard)
         self._kick.set()
 
     def _free(self) -> int:
@@ -233,19 +248,21 @@ class Processor:
                 # line), and never more than its cap, so that slow downloads of one aggregation
                 # leave workers for those that come later
                 share = min(max(1, self._free() // waiting), self._room(aggr))
-                del self._hot[aggr]  # before the await: a wake arriving meanwhile re-adds it
+                shard = self._hot.pop(aggr)  # before the await: a wake meanwhile re-adds it
                 self._claiming = share
                 try:
-                    claim = await self.storage.claim(aggr, self.owner, self.cfg.lease_ms, share)
+                    claim = await self.storage.claim(
+                        shard, aggr, self.owner, self.cfg.lease_ms, share
+                    )
                 except BaseException:
-                    self._hot.setdefault(aggr, None)  # Redis down: try it again once back
+                    self._hot.setdefault(aggr, shard)  # Redis down: try it again once back
                     raise
                 finally:
                     self._claiming = 0
                 for job in claim.jobs:
                     self._start(aggr, job, claim.proxy or None)
                 if claim.ready_left > 0 and claim.free_slots > 0:
-                    self._hot[aggr] = None  # more to take once we have room: back of the line
+                    self._hot[aggr] = shard  # more to take once we have room: back of the line
 
     def _room(self, aggr: str) -> int:
         """Workers of ours `aggr` may still take (processor.max_workers_per_aggregation)."""

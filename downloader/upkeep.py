@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 from downloader import metrics
@@ -33,8 +34,10 @@ class Upkeep:
         storage: Storage,
         store: Store,
         on_resume: Callable[[], Awaitable[None]],
+        stream_window_ms: int = 3_600_000,
     ) -> None:
         self.cfg = cfg
+        self.stream_window_ms = stream_window_ms
         self.storage = storage
         self.store = store
         self.paused = False
@@ -47,6 +50,7 @@ class Upkeep:
         return [
             ("timer", self._timer_step),
             ("reap", self._reap_step),
+            ("trim", self._trim_step),
             ("disk", self._disk_step),
             ("sweep", self._sweep),
         ]
@@ -56,11 +60,15 @@ class Upkeep:
         self._kick.set()
 
     async def _timer_step(self) -> None:
-        """Promote due retries, requeue expired leases; sleep until the next is due."""
-        _moved, next_retry_ms = await self.storage.promote_retries()
-        while await self.storage.requeue_expired() > 0:
-            pass
-        waits = [self.cfg.lease_ms / 2] + ([next_retry_ms] if next_retry_ms >= 0 else [])
+        """Promote due retries, requeue expired leases, in every shard (the calls of one round
+        share a pipeline); sleep until the next is due."""
+        shards = self.storage.all_shards
+        promoted = await asyncio.gather(*(self.storage.promote_retries(s) for s in shards))
+        busy = list(shards)
+        while busy:  # until no shard has expired leases left
+            counts = await asyncio.gather(*(self.storage.requeue_expired(s) for s in busy))
+            busy = [s for s, n in zip(busy, counts, strict=True) if n > 0]
+        waits = [self.cfg.lease_ms / 2] + [ms for _n, ms in promoted if ms >= 0]
         self._kick.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._kick.wait(), max(1, min(waits)) / 1000)
@@ -69,7 +77,12 @@ class Upkeep:
         """Delete the files whose callback was delivered `deletion_interval` ago; sleep until the
         next is due. A loop of its own: a store slow to answer (an S3 bucket) holds up neither
         retries nor requeues."""
-        due, next_reap_ms = await self.storage.reap_due()
+        rounds = await asyncio.gather(
+            *(self.storage.reap_due(s) for s in self.storage.all_shards)
+        )
+        due = [job_id for ids, _ms in rounds for job_id in ids]
+        pending = [ms for _ids, ms in rounds if ms >= 0]
+        next_reap_ms = min(pending) if pending else -1
         for job_id in due:
             try:
                 await asyncio.to_thread(self.store.delete, job_id)
@@ -87,6 +100,18 @@ class Upkeep:
             self.cfg.lease_ms / 2 if next_reap_ms < 0 else min(self.cfg.lease_ms / 2, next_reap_ms)
         )
         await asyncio.sleep(max(1, wait_ms) / 1000)
+
+    async def _trim_step(self) -> None:
+        """Every few seconds: each shard's event stream back to its window (events.
+        stream_window_minutes) and its job index to the jobs that can still exist."""
+        now_ms = int(time.time() * 1000)
+        await asyncio.gather(
+            *(
+                self.storage.trim(s, self.stream_window_ms, now_ms)
+                for s in self.storage.all_shards
+            )
+        )
+        await asyncio.sleep(min(10.0, self.stream_window_ms / 10_000))
 
     async def _sweep(self) -> None:
         """Hourly: drop temp files of dead processors (older than any download may last)."""

@@ -26,6 +26,7 @@ from downloader.cli import make_notifier
 from downloader.config import Config, load_config
 from downloader.embedded import EmbeddedRedis
 from downloader.heartbeat import new_instance_id
+from downloader.ids import shard_of
 from downloader.notifier import Notifier
 from downloader.processor import Processor
 from downloader.storage import Storage, connect
@@ -166,10 +167,11 @@ class Service:
     async def wait_job(
         self, job_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
     ) -> dict[str, Any]:
-        """Wait until the job's projection satisfies `predicate` (watching its event stream)."""
+        """Wait until the job's projection satisfies `predicate` (watching its shard's event
+        stream for anything new)."""
         deadline = time.monotonic() + timeout
-        last = "0-0"
-        key = self.storage.keys.job_events(job_id)
+        stream = self.storage.keys.events(shard_of(job_id))
+        after = "0-0"
         while True:
             job = await self.job(job_id)
             if predicate(job):
@@ -177,11 +179,12 @@ class Service:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"job {job_id} never got there: {job}")
+            after = max(after, job["last_event_id"] or "0-0", key=stream_order)
             # at most 5 s a read, like the service's own: the client's socket_timeout is 15 s
             block_ms = max(1, min(5000, int(remaining * 1000)))
-            res = await self.storage.r.xread({key: last}, block=block_ms)
+            res = await self.storage.r.xread({stream: after}, count=1000, block=block_ms)
             for _s, entries in res or []:
-                last = entries[-1][0]
+                after = entries[-1][0]
 
     async def close(self) -> None:
         self.stop.set()
@@ -296,6 +299,12 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def stream_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def job_body(url: str, receiver: CallbackReceiver, **extra: Any) -> dict[str, An
 
 async def job_keys(redis_client: StrRedis) -> list[str]:
     """Sorted: SCAN's order changes when Redis resizes its table (heartbeats add keys)."""
-    return sorted([k async for k in redis_client.scan_iter(match="dl:job:*")])
+    return sorted([k async for k in redis_client.scan_iter(match="dl:*:job:*")])
 
 
 async def post_raw(service: Service, path: str, data: bytes, **kw: Any) -> tuple[int, str, Any]:
@@ -206,7 +206,7 @@ INVALID_BODIES = [
 async def data_keys(redis_client: StrRedis) -> list[str]:
     """Every key but the instances' heartbeats (each API instance announces itself)."""
     keys = await redis_client.keys("*")
-    return sorted(k for k in keys if not k.startswith("dl:stats:") and k != "dl:instances")
+    return sorted(k for k in keys if "{meta}" not in k)
 
 
 @pytest.mark.parametrize(("data", "field"), INVALID_BODIES)
@@ -228,7 +228,7 @@ async def test_valid_body_is_accepted_and_stored(api: Service, redis_client: Str
     status, content_type, body = await post_raw(api, "/download", as_json(valid_body()))
     assert (status, content_type) == (201, "application/json")
     assert set(body) == {"id"}
-    assert f"dl:job:{{{body['id']}}}" in await job_keys(redis_client)
+    assert api.storage.keys.job(body["id"]) in await job_keys(redis_client)
 
 
 async def test_body_over_max_body_bytes_is_413_json(
@@ -286,10 +286,10 @@ async def test_retry_while_the_callback_has_not_failed_is_409(
 ) -> None:
     """POST /retry/{id} answers 409 while the callback is still pending, and changes nothing."""
     job_id = await api.submit(**valid_body())
-    events_before = await redis_client.xlen(f"dl:job:{{{job_id}}}:events")
+    events_before = await redis_client.llen(api.storage.keys.ev(job_id))
     status, body = await api.post(f"/retry/{job_id}")
     assert status == 409 and "Pending" in body["error"], body
-    assert await redis_client.xlen(f"dl:job:{{{job_id}}}:events") == events_before
+    assert await redis_client.llen(api.storage.keys.ev(job_id)) == events_before
     assert (await api.job(job_id))["callback_state"] == "Pending"
 
 
@@ -542,7 +542,7 @@ async def test_aggr_proxy_is_fixed_while_the_aggregation_has_jobs(
         assert "aggr_proxy" in answer["error"]
     assert await job_keys(redis_client) == keys
     await api.submit(**first)  # the same proxy is fine
-    assert len(await job_keys(redis_client)) == len(keys) + 2  # projection + events
+    assert len(await job_keys(redis_client)) == len(keys) + 1  # one more job
 
 
 async def test_aggr_proxy_can_change_once_the_aggregation_is_done(

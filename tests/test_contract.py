@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from downloader.events import EVENT_TYPES
+from downloader.ids import new_job_id
 from downloader.jobs import CallbackJob, ClaimedJob, Job
 from downloader.storage import Keys
 from downloader.vocabulary import (
@@ -91,20 +92,50 @@ def test_projection_fields_the_readers_name_exist_in_the_fold() -> None:
 async def test_every_lua_key_has_a_python_twin_spelled_the_same(
     redis_client: StrRedis,
 ) -> None:
-    """Each KEY.* of prelude.lua is a storage.Keys member building the very same name (run in
-    a real Redis, with the template storage.py passes)."""
+    """Each KEY.* of prelude.lua is a storage.Keys member building the very same name, for
+    every shard (run in a real Redis, with the KEYS[1] storage passes: the shard's events)."""
     prelude = (SCRIPTS / "prelude.lua").read_text()
     functions = re.findall(r"^function KEY\.(\w+)\(([^)]*)\)", prelude, re.M)
     constants = re.findall(r"^KEY\.(\w+) = ", prelude, re.M)
     assert functions and constants
-    keys = Keys("dl")
-    calls = [
-        (name, [f"Ab{i}" for i, _ in enumerate(params.split(","))]) for name, params in functions
-    ]
-    lua_calls = [f"KEY.{n}({', '.join(repr(a) for a in args)})" for n, args in calls]
-    lua_calls += [f"KEY.{n}" for n in constants]
-    script = prelude + "\nreturn {" + ", ".join(lua_calls) + "}"
-    lua_names: list[Any] = await redis_client.eval(script, 0, keys.template, "{}")
-    python_names = [getattr(keys, n)(*args) for n, args in calls]
-    python_names += [getattr(keys, n) for n in constants]
-    assert lua_names == python_names
+    keys = Keys("dl", 16)
+    by_job = {"job", "ev", "done"}  # Python finds the shard in the job id
+    for shard in range(16):
+        job_id = new_job_id(shard)
+        calls = [
+            (name, [job_id] if name in by_job else [f"Ab{i}" for i in range(len(p.split(",")))])
+            for name, p in functions
+        ]
+        lua_calls = [f"KEY.{n}({', '.join(repr(a) for a in args)})" for n, args in calls]
+        lua_calls += [f"KEY.{n}" for n in constants]
+        script = prelude + "\nreturn {" + ", ".join(lua_calls) + "}"
+        lua_names: list[Any] = await redis_client.eval(script, 1, keys.events(shard), "{}")
+        python_names = [
+            getattr(keys, n)(*args) if n in by_job else getattr(keys, n)(shard, *args)
+            for n, args in calls
+        ]
+        python_names += [getattr(keys, n)(shard) for n in constants]
+        assert lua_names == python_names
+
+
+def test_every_key_of_a_shard_hashes_to_its_slot() -> None:
+    """A shard's keys share one Redis Cluster slot, and the shards' slots spread evenly over
+    the slot space (each in its own 1/N of it)."""
+    from redis.crc import key_slot
+
+    keys = Keys("dl", 16)
+    for shard in range(16):
+        job_id = new_job_id(shard)
+        names = [
+            keys.events(shard),
+            keys.job(job_id),
+            keys.ev(job_id),
+            keys.done(job_id),
+            keys.aggr(shard, "a{b}c"),
+            keys.ready(shard, "x"),
+            keys.tenant_aggregations(shard, "shop"),
+            keys.idempotency(shard, "k"),
+        ]
+        slots = {key_slot(n.encode()) for n in names}
+        assert len(slots) == 1, names
+        assert shard * 1024 <= slots.pop() < (shard + 1) * 1024

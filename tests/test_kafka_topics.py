@@ -39,7 +39,7 @@ def kafka_body(topic: str) -> dict[str, Any]:
 async def data_keys(redis_client: StrRedis) -> list[str]:
     """Every key but the instances' heartbeats (each API instance announces itself)."""
     keys = await redis_client.keys("*")
-    return sorted(k for k in keys if not k.startswith("dl:stats:") and k != "dl:instances")
+    return sorted(k for k in keys if "{meta}" not in k)
 
 
 def kafka_settings(allowed: list[str] | None) -> dict[str, Any]:

@@ -209,7 +209,7 @@ async def test_extra_that_cannot_be_header_material_is_refused_with_a_bucket(
     status, answer = await svc.post("/download", with_bucket)
     assert (status, answer["field"]) == (400, "extra"), answer
     assert answer["error"].startswith("extra cannot be the S3 object's user metadata")
-    assert [k async for k in redis_client.scan_iter(match="dl:job:*")] == []
+    assert [k async for k in redis_client.scan_iter(match="dl:*:job:*")] == []
 
     status, answer = await svc.post(
         "/download", job_request("http://origin.test/a", "http://r.test/cb", extra=extra)

@@ -146,7 +146,7 @@ async def test_non_canonical_loopback_spellings_are_refused_at_post(
     status, body = await svc.post("/download", job_body(url, "http://callback.test/cb"))
     assert status == 400, body
     assert body["field"] == "url" and "127.0.0.1" in body["error"], body
-    assert await svc.storage.r.keys("dl:job:*") == []
+    assert await svc.storage.r.keys("dl:*:job:*") == []
     assert files.requests == {}
 
 

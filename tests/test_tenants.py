@@ -159,7 +159,9 @@ async def test_another_tenant_cannot_change_an_aggregation_nor_learn_its_proxy_p
         json=body("shop-busy", aggr_limit=1, aggr_proxy="http://attacker.test:3128"),
     )
     assert (status, answer["field"]) == (400, "aggr_id"), answer
-    assert await redis_client.hget("dl:aggr:{shop-busy}", "limit") == "20"
+    keys = tenants.storage.keys
+    shard = await tenants.storage.shard_for("shop-busy")
+    assert await redis_client.hget(keys.aggr(shard, "shop-busy"), "limit") == "20"
 
     status, answer = await call(
         tenants,
@@ -223,7 +225,7 @@ async def test_extra_over_its_cap_is_refused(
     svc = await service_factory({"api": {"max_extra_bytes": 1024}}, {"api"})
     status, answer = await svc.post("/download", body("a", extra="x" * 1025))
     assert (status, answer["field"]) == (400, "extra"), answer
-    assert await redis_client.keys("dl:job:*") == []
+    assert await redis_client.keys("dl:*:job:*") == []
     assert (await svc.post("/download", body("a", extra="é" * 512)))[0] == 201  # 1024 bytes
 
 
@@ -263,10 +265,10 @@ async def test_live_aggregations_per_tenant_are_capped(
     )
     for i in range(3):
         await submit(svc, SHOP, aggr=f"shop-{i}")
-    before = await redis_client.keys("dl:job:*")
+    before = await redis_client.keys("dl:*:job:*")
     status, answer = await call(svc, "POST", "/download", SHOP, json=body("shop-3"))
     assert (status, answer["field"]) == (429, "aggr_id"), answer
-    assert sorted(await redis_client.keys("dl:job:*")) == sorted(before)
+    assert sorted(await redis_client.keys("dl:*:job:*")) == sorted(before)
     await submit(svc, SHOP, aggr="shop-0")  # an existing one
     for i in range(3):
         await submit(svc, ACME, aggr=f"acme-{i}")
@@ -369,7 +371,8 @@ class RecordingProxy(ForwardProxy):
 
 
 async def every_value_in_redis(r: StrRedis) -> dict[str, str]:
-    """Each key's whole content as text (hash fields one by one), to search for a secret."""
+    """Each key's whole content as text (hash fields one by one, a packed job's sealed fields
+    apart), to search for a secret."""
     out: dict[str, str] = {}
     async for key in r.scan_iter("*"):
         kind = await r.type(key)
@@ -378,6 +381,10 @@ async def every_value_in_redis(r: StrRedis) -> dict[str, str]:
                 out[f"{key}#{field}"] = value
         elif kind == "stream":
             out[key] = json.dumps(await r.xrange(key))
+        elif kind == "string" and ":done:" in key:  # a packed job: its sealed fields, events
+            head, _, events = str(await r.get(key)).partition("\n")
+            out[f"{key}#sealed_fields"] = head
+            out[key] = events
         elif kind == "string":
             out[key] = str(await r.get(key))
         elif kind == "list":
@@ -482,7 +489,8 @@ async def test_secrets_never_show_yet_the_download_uses_them(
         assert job["aggr_proxy"] == f"http://pu:***@127.0.0.1:{proxy.port}"
         assert job["callback_dst"].endswith("token=***")
 
-        # where the real values are kept: the job's sealed fields and the aggregation's proxy
+        # where the real values are kept: the job's sealed fields (live or packed) and the
+        # aggregation's proxy
         for where, value in (await every_value_in_redis(redis_client)).items():
             for name, secret in secrets.items():
                 if secret.split()[-1] in value:

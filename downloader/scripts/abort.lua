@@ -1,8 +1,9 @@
 -- abort.lua: DELETE /jobs/{id}: cancel a pending or running download.
 -- ARGV: job_id, reason
--- Keys touched: job:{id} + events (job.aborted), aggr:{a}:ready (LREM), retries (ZREM),
---   leases + lease-owners + aggr:{a}:inflight (a running job loses its lease, so its processor
---   can no longer record an outcome), aggr:{a}, aggregations, callbacks (XADD: the failure
+-- KEYS: the shard's events, job:<id>
+-- Keys touched: job:<id> + ev:<id> + events (job.aborted), ready:<a> (LREM), retries (ZREM),
+--   leases + lease-owners + inflight:<a> (a running job loses its lease, so its processor
+--   can no longer record an outcome), aggr:<a>, aggregations, callbacks (XADD: the failure
 --   callback, if the job has one), wake (an entry naming the job, so its processor interrupts
 --   it now).
 -- Returns: {'ok', event_id} | {'unknown'} | {'finished', download_state}
@@ -25,4 +26,4 @@ if running then
 else
   wake(aggr_id)
 end
-return {'ok', event_id}
+return done({'ok', event_id})

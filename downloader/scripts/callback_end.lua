@@ -3,7 +3,8 @@
 --   `attempt` number callback_begin handed out), stream entry id, group, delay_ms (retry wait,
 --   or file deletion delay on 'delivered'; -1: keep the file; on 'failed' the file is deleted
 --   when the job expires, after the retention period)
--- Keys touched: job:{id} + events (callback.delivered | callback.retry_scheduled |
+-- KEYS: the shard's events, job:<id>
+-- Keys touched: job:<id> + ev:<id> + events (callback.delivered | callback.retry_scheduled |
 --   callback.failed), callbacks (XACK + XDEL of the entry), callback-retries (zset job -> due
 --   ms), reap (zset job -> when its file is deleted).
 -- Two notifiers can hold one entry (one was taken for gone and its entry taken over): only the
@@ -38,4 +39,4 @@ if entry ~= '' then
   redis.call('XACK', KEY.callbacks, group, entry)
   redis.call('XDEL', KEY.callbacks, entry)
 end
-return event_id
+return done(event_id)

@@ -1,14 +1,18 @@
 -- callback_takeover.lua: a live notifier takes over the callbacks of notifiers that are gone.
--- Each notifier is a consumer of the callbacks group named by its instance id, and keeps the key
--- alive:notifier:<instance id> while it runs (its heartbeat: SET with a TTL of
--- notifier.dead_after_ms). A consumer without that key is gone: its pending entries (read and
--- not settled) move to this consumer, oldest first, and once it has none left it is deleted
--- from the group. One script: two notifiers running it never take the same entry.
--- ARGV: this consumer, group, max entries to take (0: only delete gone consumers left empty)
+-- Each notifier is a consumer of each shard's callbacks group, named by its instance id, and
+-- keeps a liveness key while it runs (storage.beat). The caller names the consumers of this
+-- shard whose key lapsed; their pending entries (read and not settled) move to this consumer,
+-- oldest first, and a gone consumer left with none is deleted from the group. One script: two
+-- notifiers running it never take the same entry.
+-- KEYS: the shard's events, callbacks
+-- ARGV: this consumer, group, max entries to take (0: only delete gone consumers left empty),
+--   the gone consumers' names...
 -- Keys touched: callbacks (XINFO CONSUMERS, XPENDING, XCLAIM, XRANGE; XACK of an entry deleted
---   from the stream; XGROUP DELCONSUMER), alive:notifier:<consumer> (EXISTS).
+--   from the stream; XGROUP DELCONSUMER).
 -- Returns: one row per gone consumer: {name, 1 if deleted else 0, entry id, job id, ...}
 local me, group, room = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local gone = {}
+for i = 4, #ARGV - 1 do gone[ARGV[i]] = true end
 local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEY.callbacks, group)
 if not ok then return {} end  -- no stream or group yet: nobody to take over from
 local out = {}
@@ -16,7 +20,7 @@ for _, c in ipairs(consumers) do
   local info = {}
   for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
   local name, pending = info['name'], tonumber(info['pending'])
-  if name ~= me and redis.call('EXISTS', KEY.alive('notifier', name)) == 0 then
+  if name ~= me and gone[name] then
     local row = {name, 0}
     if pending > 0 and room > 0 then
       local ids = {}

@@ -3,9 +3,10 @@
 -- ARGV: job_id, lease token (from claim.lua), outcome ('succeeded' | 'failed' | 'retry'),
 --   event data (JSON), retry_in_ms, next_owner ('' = do not claim), lease_ms, projection
 --   fields to return for the next job...
--- Keys touched: lease-owners, leases, aggr:{a}:inflight (SREM), job:{id} + events
+-- KEYS: the shard's events, job:<id>, lease-owners
+-- Keys touched: lease-owners, leases, inflight:<a> (SREM), job:<id> + ev:<id> + events
 --   (download.succeeded | download.failed | download.retry_scheduled), retries (zset job -> due
---   ms, on 'retry'), aggr:{a} (jobs -1 on a final outcome; deleted when it has no job left),
+--   ms, on 'retry'), aggr:<a> (jobs -1 on a final outcome; deleted when it has no job left),
 --   aggregations, callbacks (stream read by notifiers, on a final outcome of a job that has
 --   a callback), wake (only when the slot was not handed on: a slot that stays taken is no
 --   news to other processors); with next_owner, what claim.lua touches for one job.
@@ -35,7 +36,7 @@ end
 local out = {'ok', event_id}
 if next_owner ~= '' then
   local fields = {}
-  for i = 8, #ARGV - 2 do fields[#fields + 1] = ARGV[i] end
+  for i = 8, #ARGV - 1 do fields[#fields + 1] = ARGV[i] end
   local limit = tonumber(redis.call('HGET', KEY.aggr(aggr_id), 'limit') or '0')
   local ready = KEY.ready(aggr_id)
   while redis.call('SCARD', KEY.inflight(aggr_id)) < limit do
@@ -54,4 +55,4 @@ elseif out[3] then
   touch_registry(aggr_id)
 end
 if not out[3] then wake(aggr_id) end
-return out
+return done(out)

@@ -1,36 +1,41 @@
 -- prelude.lua: shared by every script (storage.py puts it in front of each one).
 --
--- The last two ARGV of every script are fixed by storage.py:
---   ARGV[#ARGV-1]  key template, e.g. "dl:%s" (the only way a script builds a key name, in
---                  KEY below)
---   ARGV[#ARGV]    JSON settings: {"retention_ms": ..., "events_maxlen": ...}
+-- Every key a script touches belongs to one shard (see downloader/shards.py) and shares its hash
+-- tag, so the whole script runs in one Redis Cluster slot:
+--   KEYS[1]     the shard's event stream, `<prefix>:{<tag>}:events`: it routes the script to
+--               the shard's node, and every other key is named from its prefix `<prefix>:{<tag>}:`
+--               in KEY below (keys of jobs popped from a queue cannot be known beforehand)
+--   KEYS[2..]   the other keys known when the script is called (a job's, an aggregation's),
+--               declared as Redis Cluster asks
+--   ARGV[#ARGV] JSON settings: {"retention_ms": ..., "events_maxlen": ...}
+-- Scripts that are not about a shard (ratelimit.lua, stats.lua) name their own keys.
 
-local TEMPLATE = ARGV[#ARGV - 1]
 local SETTINGS = cjson.decode(ARGV[#ARGV])
+local P = string.match(KEYS[1] or '', '^(.*}:)events$') or ''
 
 -- Key builders: each has its twin in storage.Keys (tests/test_contract.py checks both spell
 -- every name the same).
 local KEY = {}
-function KEY.job(id) return string.format(TEMPLATE, 'job:{' .. id .. '}') end
-function KEY.job_events(id) return string.format(TEMPLATE, 'job:{' .. id .. '}:events') end
-function KEY.aggr(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}') end
-function KEY.ready(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:ready') end
-function KEY.inflight(a) return string.format(TEMPLATE, 'aggr:{' .. a .. '}:inflight') end
-function KEY.idempotency(k) return string.format(TEMPLATE, 'idem:{' .. k .. '}') end
-function KEY.tenant_aggregations(scope) return string.format(TEMPLATE, 'aggregations:' .. scope) end
-function KEY.rate(tenant) return string.format(TEMPLATE, 'rate:{' .. tenant .. '}') end
-function KEY.alive(role, inst) return string.format(TEMPLATE, 'alive:' .. role .. ':' .. inst) end
-KEY.events = string.format(TEMPLATE, 'events')
-KEY.aggregations = string.format(TEMPLATE, 'aggregations')
-KEY.wake = string.format(TEMPLATE, 'wake')
-KEY.leases = string.format(TEMPLATE, 'leases')
-KEY.lease_owners = string.format(TEMPLATE, 'lease-owners')
-KEY.retries = string.format(TEMPLATE, 'retries')
-KEY.callbacks = string.format(TEMPLATE, 'callbacks')
-KEY.callback_retries = string.format(TEMPLATE, 'callback-retries')
-KEY.reap = string.format(TEMPLATE, 'reap')
-KEY.export_lock = string.format(TEMPLATE, 'export:lock')
-KEY.export_position = string.format(TEMPLATE, 'export:position')
+function KEY.job(id) return P .. 'job:' .. id end
+function KEY.ev(id) return P .. 'ev:' .. id end
+function KEY.done(id) return P .. 'done:' .. id end
+function KEY.aggr(a) return P .. 'aggr:' .. a end
+function KEY.ready(a) return P .. 'ready:' .. a end
+function KEY.inflight(a) return P .. 'inflight:' .. a end
+function KEY.idempotency(k) return P .. 'idem:' .. k end
+function KEY.tenant_aggregations(scope) return P .. 'aggregations:' .. scope end
+KEY.events = P .. 'events'
+KEY.jobs = P .. 'jobs'
+KEY.aggregations = P .. 'aggregations'
+KEY.wake = P .. 'wake'
+KEY.leases = P .. 'leases'
+KEY.lease_owners = P .. 'lease-owners'
+KEY.retries = P .. 'retries'
+KEY.callbacks = P .. 'callbacks'
+KEY.callback_retries = P .. 'callback-retries'
+KEY.reap = P .. 'reap'
+KEY.export_lock = P .. 'export:lock'
+KEY.export_position = P .. 'export:position'
 
 local NOW
 local function now_ms()
@@ -48,6 +53,9 @@ local function str(v)
   if type(v) == 'number' then return string.format('%d', v) end
   return tostring(v)
 end
+
+-- An event id is the id of its entry in the shard's event stream: `<ms>-<seq>`.
+local function ts_of(event_id) return tonumber(string.match(event_id, '^(%d+)')) end
 
 -- The fold: how one event changes a job's projection. Pure: it reads only the event, so
 -- replaying a job's events (rebuild.lua) gives back exactly the live projection.
@@ -133,8 +141,8 @@ local function fold(job_id, etype, ts, event_id, d)
   return flat
 end
 
--- A job is settled when nothing more will happen to it unless someone asks: its keys then
--- expire after the retention period (a later event, e.g. a /retry, makes them persist again).
+-- A job is settled when nothing more will happen to it unless someone asks: its callback
+-- failed, or was delivered (or there is none) and no file of it stays in the file store.
 local function settled(job_key)
   local s = redis.call('HMGET', job_key, 'callback_state', 'file_state', 'download_state')
   if s[1] == 'Failed' then return true end
@@ -144,28 +152,94 @@ local function settled(job_key)
   return s[1] == 'Success' and s[2] ~= 'stored'
 end
 
--- Append one event to the job's stream and the global stream, and fold it into the projection.
--- `data_json` is the event's data as JSON text (kept verbatim); returns the event id.
+-- The secrets of a job (its real url, request headers and callback URL) are kept out of its
+-- events, in fields of the projection that only these scripts read: SEALED[field] names them.
+local SEALED = {
+  url = 'sealed_url', request_headers = 'sealed_request_headers', callback_dst = 'sealed_callback_dst',
+}
+
+-- A live job is its projection (hash job:<id>) and its events (list ev:<id>, one
+-- `<id>\t<type>\t<data JSON>` line each). A settled job is packed into one string, done:<id>:
+-- the JSON object of its sealed fields, then its event lines, separated by newlines (JSON
+-- escapes both separators), expiring after the retention period. Its projection is folded from
+-- the events when asked for (view.lua): no field is kept twice.
+local SETTLED = {}  -- job ids settled by the events of this script run: packed by done()
+
+-- Append one event to the shard's stream (its id) and to the job's list, and fold it into the
+-- projection. `data_json` is the event's data as JSON text (kept verbatim); returns the event id.
 local function emit(job_id, etype, data_json)
   local data = cjson.decode(data_json)  -- before any write: a bad document changes nothing
-  local ts = now_ms()
-  local job_key, events_key = KEY.job(job_id), KEY.job_events(job_id)
   local id = redis.call('XADD', KEY.events, 'MAXLEN', '~', SETTINGS.events_maxlen, '*',
-    'type', etype, 'job_id', job_id, 'ts', ts, 'v', 1, 'data', data_json)
-  local ok = redis.pcall('XADD', events_key, id, 'type', etype, 'ts', ts, 'v', 1, 'data', data_json)
-  if type(ok) == 'table' and ok.err then
-    -- only if the global stream was reset behind a clock step back: keep the job's own order
-    id = redis.call('XADD', events_key, '*', 'type', etype, 'ts', ts, 'v', 1, 'data', data_json)
-  end
-  redis.call('HSET', job_key, unpack(fold(job_id, etype, ts, id, data)))
-  if settled(job_key) then
-    redis.call('PEXPIRE', job_key, SETTINGS.retention_ms)
-    redis.call('PEXPIRE', events_key, SETTINGS.retention_ms)
-  else
-    redis.call('PERSIST', job_key)
-    redis.call('PERSIST', events_key)
-  end
+    'j', job_id, 't', etype, 'd', data_json)
+  local job_key = KEY.job(job_id)
+  redis.call('RPUSH', KEY.ev(job_id), id .. '\t' .. etype .. '\t' .. data_json)
+  redis.call('HSET', job_key, unpack(fold(job_id, etype, ts_of(id), id, data)))
+  SETTLED[job_id] = settled(job_key) or nil
   return id
+end
+
+-- Pack a settled job: its sealed fields and its event lines into done:<id>, expiring after the
+-- retention period; its live keys go.
+local function pack(job_id)
+  local job_key, ev_key = KEY.job(job_id), KEY.ev(job_id)
+  local sealed = {}
+  for _, field in pairs(SEALED) do
+    local value = redis.call('HGET', job_key, field)
+    if value then sealed[field] = value end
+  end
+  local lines = redis.call('LRANGE', ev_key, 0, -1)
+  local head = next(sealed) and cjson.encode(sealed) or '{}'
+  redis.call('SET', KEY.done(job_id), head .. '\n' .. table.concat(lines, '\n'),
+    'PX', SETTINGS.retention_ms)
+  redis.call('DEL', job_key, ev_key)
+end
+
+-- The end of every script that emits: pack what settled, then return `result`.
+local function done(result)
+  for job_id in pairs(SETTLED) do pack(job_id) end
+  return result
+end
+
+-- The event lines of a packed job, and its sealed fields (a table); nil when not packed.
+local function unpack_done(job_id)
+  local packed = redis.call('GET', KEY.done(job_id))
+  if not packed then return nil end
+  local lines = {}
+  for line in string.gmatch(packed, '[^\n]+') do lines[#lines + 1] = line end
+  local sealed = cjson.decode(table.remove(lines, 1))
+  return lines, sealed
+end
+
+-- Fold event lines (as stored) into a flat projection table {field = value}.
+local function fold_lines(job_id, lines)
+  local f = {}
+  for _, line in ipairs(lines) do
+    local id, etype, data = string.match(line, '^([^\t]*)\t([^\t]*)\t(.*)$')
+    local flat = fold(job_id, etype, ts_of(id), id, cjson.decode(data))
+    for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+  end
+  return f
+end
+
+-- Make a packed job live again (a /retry of its failed callback): its list and projection come
+-- back from its events. Returns false when the job is neither live nor packed.
+local function revive(job_id)
+  if redis.call('EXISTS', KEY.job(job_id)) == 1 then return true end
+  local lines, sealed = unpack_done(job_id)
+  if not lines then return false end
+  local flat = {}
+  for k, v in pairs(fold_lines(job_id, lines)) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  for k, v in pairs(sealed) do
+    flat[#flat + 1] = k
+    flat[#flat + 1] = v
+  end
+  redis.call('HSET', KEY.job(job_id), unpack(flat))
+  redis.call('RPUSH', KEY.ev(job_id), unpack(lines))
+  redis.call('DEL', KEY.done(job_id))
+  return true
 end
 
 -- Keep the registry score (jobs waiting in the ready queue) exact for one aggregation, in the
@@ -182,12 +256,6 @@ local function touch_registry(aggr_id)
     redis.call('ZREM', KEY.aggregations, aggr_id)
   end
 end
-
--- The secrets of a job (its real url and request headers) are kept out of its events, in fields
--- of the projection that only these scripts read: SEALED[field] names where field's real value is.
-local SEALED = {
-  url = 'sealed_url', request_headers = 'sealed_request_headers', callback_dst = 'sealed_callback_dst',
-}
 
 -- HMGET of projection fields, with the real value of a sealed one (for the processor's download
 -- and the notifier's resource_url).

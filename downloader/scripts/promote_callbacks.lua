@@ -1,5 +1,6 @@
 -- promote_callbacks.lua: put callback retries that are due back on the callbacks stream.
 -- ARGV: limit
+-- KEYS: the shard's events, callback-retries, callbacks
 -- Keys touched: callback-retries (zset job -> due ms), callbacks (XADD).
 -- Returns: {moved, ms until the next one is due or -1}
 local limit = tonumber(ARGV[1])

@@ -1,6 +1,7 @@
 -- promote_retries.lua: move download retries that are due into their aggregation's ready queue.
 -- ARGV: limit
--- Keys touched: retries (zset job -> due ms), aggr:{a}:ready (RPUSH), aggregations, wake.
+-- KEYS: the shard's events, retries
+-- Keys touched: retries (zset job -> due ms), ready:<a> (RPUSH), aggregations, wake.
 -- Returns: {moved, ms until the next one is due or -1}
 local limit = tonumber(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', KEY.retries, '-inf', now_ms(), 'LIMIT', 0, limit)

@@ -1,10 +1,11 @@
 -- ratelimit.lua: take one request from a tenant's token bucket (api.tokens rate_per_second).
--- ARGV: tenant, rate (tokens per second), burst (the bucket's size)
--- Keys touched: rate:{tenant} (hash: tokens, at = ms of the last take; expires once it would
---   be full again, so an idle tenant costs nothing).
+-- KEYS: the token's bucket, `<prefix>:{rate:<token key>}` (a slot of its own)
+-- ARGV: rate (tokens per second), burst (the bucket's size)
+-- Keys touched: the bucket (hash: tokens, at = ms of the last take; expires once it would be
+--   full again, so an idle token costs nothing).
 -- Returns: 0 when the request may go on, else the ms until a token is there.
-local tenant, rate, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local key = KEY.rate(tenant)
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local key = KEYS[1]
 local bucket = redis.call('HMGET', key, 'tokens', 'at')
 local now = now_ms()
 local tokens = tonumber(bucket[1]) or burst

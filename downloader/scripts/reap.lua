@@ -2,7 +2,10 @@
 -- deletion (ARGV[2] = limit), oldest first, without removing them; 'done': the file of job
 -- ARGV[2] is gone, record it; 'later': the file of job ARGV[2] could not be deleted, try again
 -- in ARGV[3] ms.
--- Keys touched: reap (zset job -> due ms), job:{id} + events (file.deleted).
+-- KEYS: the shard's events, reap
+-- Keys touched: reap (zset job -> due ms), job:<id> + ev:<id> + events (file.deleted).
+--   A packed job (settled without its file going: a callback that failed for good) gets no
+--   event: it expires with the file's deletion anyway.
 -- Returns: 'due': {ids..., ms until the next due one or -1}; 'done', 'later': 1
 if ARGV[1] == 'due' then
   local out = redis.call('ZRANGEBYSCORE', KEY.reap, '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[2]))
@@ -18,4 +21,4 @@ end
 if redis.call('ZREM', KEY.reap, job_id) == 1 and redis.call('EXISTS', KEY.job(job_id)) == 1 then
   emit(job_id, 'file.deleted', '{}')
 end
-return 1
+return done(1)

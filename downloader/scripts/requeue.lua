@@ -2,15 +2,16 @@
 -- the jobs a processor gives back on shutdown.
 -- ARGV: reason, limit, then (giving back) pairs of job id, lease token...; no pairs = every
 --   expired lease, at most `limit`
--- Keys touched: leases, lease-owners, aggr:{a}:inflight (SREM), aggr:{a}:ready (LPUSH: first
---   in line again), aggregations, job:{id} + events (download.requeued), wake.
+-- KEYS: the shard's events, leases, lease-owners
+-- Keys touched: leases, lease-owners, inflight:<a> (SREM), ready:<a> (LPUSH: first in line
+--   again), aggregations, job:<id> + ev:<id> + events (download.requeued), wake.
 -- Returns: the number of jobs handed back.
 local reason, limit = ARGV[1], tonumber(ARGV[2])
 local ids = {}
-if #ARGV - 2 == 2 then
+if #ARGV - 1 == 2 then
   ids = redis.call('ZRANGEBYSCORE', KEY.leases, '-inf', now_ms(), 'LIMIT', 0, limit)
 else
-  for i = 3, #ARGV - 2, 2 do
+  for i = 3, #ARGV - 1, 2 do
     if redis.call('HGET', KEY.lease_owners, ARGV[i]) == ARGV[i + 1] then ids[#ids + 1] = ARGV[i] end
   end
 end
@@ -26,4 +27,4 @@ for _, job_id in ipairs(ids) do
     wake(job[1])
   end
 end
-return #ids
+return done(#ids)

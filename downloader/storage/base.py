@@ -1,0 +1,211 @@
+"""What every part of storage shares: the client, the scripts and how they are run, the shards,
+and what makes a write a client may rely on safe (WAIT for a replica)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, ParamSpec, TypeVar
+
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from downloader.autopipeline import AutoPipeline
+from downloader.config import Config
+from downloader.connections import FollowingMasterPool, NotReplicated, could_take_over
+from downloader.errors import StorageUnavailable
+from downloader.storage.keys import Keys
+
+__all__ = ["SCRIPTS", "StorageBase", "guarded"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SCRIPTS = (
+    "enqueue",
+    "claim",
+    "finish",
+    "requeue",
+    "renew",
+    "promote_retries",
+    "callback_begin",
+    "callback_end",
+    "callback_skip",
+    "promote_callbacks",
+    "callback_requeue",
+    "callback_takeover",
+    "reap",
+    "rebuild",
+    "export_commit",
+    "abort",
+    "ratelimit",
+    "stats",
+    "trim",
+    "view",
+)
+
+
+def _outage_is_unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Redis connection errors and timeouts leave storage as StorageUnavailable, and nothing
+    else does: callers tell an outage from a bug (or a disk error) by type."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
+
+    return call
+
+
+def guarded(cls: type[T]) -> type[T]:
+    """Apply `_outage_is_unavailable` to every public coroutine method `cls` defines."""
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(member):
+            setattr(cls, name, _outage_is_unavailable(member))
+    return cls
+
+
+class StorageBase:
+    """The client, the scripts and the shards. A script runs on one shard: its KEYS[1] is that
+    shard's event stream, which routes it (on a cluster) and names every other key it builds."""
+
+    def __init__(self, client: Any, config: Config) -> None:
+        # redis-py annotates replies as bytes | str | ...; with decode_responses=True they are str.
+        self.r: Any = client
+        self.cluster = isinstance(client, RedisCluster)
+        self.shards = config.redis.shards
+        self.keys = Keys(config.redis.key_prefix, self.shards)
+        self.retention_ms = int(config.events.retention_hours * 3600 * 1000)
+        self._replica_ack_ms = 1000
+        self._acks_needed = 0
+        self._acks_checked_at = 0.0
+        self._node_acks: dict[str, tuple[int, float]] = {}  # cluster node -> (acks, checked at)
+        self._settings = json.dumps(
+            {"retention_ms": self.retention_ms, "events_maxlen": config.events.stream_maxlen}
+        )
+        files = resources.files("downloader") / "scripts"
+        prelude = (files / "prelude.lua").read_text()
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(prelude + "\n" + (files / f"{name}.lua").read_text())
+            for name in SCRIPTS
+        }
+        self._pipe = AutoPipeline(client, wait_ms=self._replica_ack_ms)
+
+    @property
+    def all_shards(self) -> range:
+        return range(self.shards)
+
+    def shard_groups(self) -> list[list[int]]:
+        """Shards whose streams one blocking read can cover: all of them on one server, one by
+        one on a cluster (a command's keys must share a slot there)."""
+        if self.cluster:
+            return [[s] for s in self.all_shards]
+        return [list(self.all_shards)]
+
+    async def _run(self, name: str, shard: int, *args: Any, keys: Sequence[str] = ()) -> Any:
+        """Run script `name` on `shard` (KEYS: the shard's event stream, then `keys`)."""
+        return await self._pipe.call(
+            self._scripts[name], (self.keys.events(shard), *keys), (*args, self._settings)
+        )
+
+    async def _run_keyed(self, name: str, keys: Sequence[str], *args: Any) -> Any:
+        """Run a script that is not about a shard (its own KEYS)."""
+        return await self._pipe.call(self._scripts[name], tuple(keys), (*args, self._settings))
+
+    async def _run_acked(self, name: str, shard: int, *args: Any, keys: Sequence[str] = ()) -> Any:
+        """`_run`, then WAIT until a replica has the write (under Sentinel or on a cluster):
+        an answer a client relies on (a 201) must survive a failover to that replica."""
+        anchor = self.keys.events(shard)
+        needed = await self._replica_acks_needed(anchor)
+        try:
+            return await self._pipe.call(
+                self._scripts[name], (anchor, *keys), (*args, self._settings), acks=needed
+            )
+        except NotReplicated:
+            self._acks_checked_at = 0.0
+            self._node_acks.clear()
+            if isinstance(self.r.connection_pool, FollowingMasterPool):
+                self.r.connection_pool.recheck_soon()  # a master its replica left may be deposed
+            raise
+
+    async def _replica_acks_needed(self, key: str) -> int:
+        if self.cluster:
+            return await self._cluster_acks_needed(key)
+        return await self._sentinel_acks_needed()
+
+    async def _cluster_acks_needed(self, key: str) -> int:
+        """1 while the master of `key`'s slot has a replica attached, else 0: writes go on,
+        degraded, rather than being refused while the cluster has no replica to fail over to
+        (its replica died, or it is the new master of a killed one). Cached for 0.5 s."""
+        node = self.r.get_node_from_key(key)
+        acks, at = self._node_acks.get(node.name, (0, 0.0))
+        if time.monotonic() - at < 0.5:
+            return acks
+        acks = 1
+        with contextlib.suppress(RedisError, OSError):
+            info = await self.r.info("replication", target_nodes=node)
+            acks = 1 if int(info.get("connected_slaves", 0)) > 0 else 0
+        self._node_acks[node.name] = (acks, time.monotonic())
+        return acks
+
+    async def _sentinel_acks_needed(self) -> int:
+        """1, unless every sentinel names this very master, none is failing it over, and none
+        knows a replica that could take over (up, and replicating rather than acting as a
+        master): then writes are accepted, degraded, rather than all refused (its replica
+        died, or this is the new master of a killed one). A deposed master that still takes
+        writes never qualifies. Only under Sentinel; cached for `recheck_s`."""
+        pool = self.r.connection_pool
+        if not isinstance(pool, FollowingMasterPool):
+            return 0
+        if time.monotonic() - self._acks_checked_at < pool.recheck_s:
+            return self._acks_needed
+        here, name = pool.master_address, pool.service_name
+        views: list[Any] = []
+        for sentinel in pool.sentinel_manager.sentinels:
+            with contextlib.suppress(RedisError, OSError):
+                views.append(
+                    (
+                        (await sentinel.sentinel_masters()).get(name),
+                        await sentinel.sentinel_slaves(name),
+                    )
+                )
+        degraded = (
+            here is not None
+            and bool(views)
+            and all(
+                master is not None
+                and (master["ip"], int(master["port"])) == tuple(here)
+                and "failover_in_progress" not in str(master["flags"])
+                and not any(could_take_over(r) for r in replicas)
+                for master, replicas in views
+            )
+        )
+        self._acks_needed, self._acks_checked_at = (0 if degraded else 1), time.monotonic()
+        return self._acks_needed
+
+    async def close(self) -> None:
+        await self._pipe.drain()
+        await self.r.aclose()
+        if not self.cluster:
+            pool = self.r.connection_pool
+            if isinstance(pool, SentinelConnectionPool):  # its own clients of the sentinels
+                await pool.sentinel_manager.aclose()
+
+    async def ping(self) -> bool:
+        if self.cluster:  # every master answers
+            replies = await self.r.ping(target_nodes=RedisCluster.PRIMARIES)
+            return bool(replies) and all(
+                replies.values() if isinstance(replies, dict) else [replies]
+            )
+        return bool(await self.r.ping())
