@@ -48,6 +48,7 @@ from common import (
 
 from downloader.embedded import EmbeddedRedis  # common put the repository on sys.path
 from downloader.storage import Keys
+from harness.events import EventTail
 from harness.kafka_broker import (
     KafkaBroker,
     create_topic,
@@ -82,23 +83,14 @@ async def _submit(base_url: str, bodies: list[dict[str, Any]]) -> list[str]:
     return ids
 
 
-async def _events_until(
-    r: StrRedis, key: str, after: str, etype: str, count: int, timeout_s: float
-) -> list[tuple[str, dict[str, str]]]:
-    """Entries of the global event stream after `after` until `count` of type `etype` were seen."""
-    out: list[tuple[str, dict[str, str]]] = []
-    seen = 0
-    deadline = time.monotonic() + timeout_s
-    while seen < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {seen}/{count} {etype} events in {timeout_s} s")
-        res = await r.xread({key: after}, count=5000, block=1000)
-        for _s, entries in res or []:
-            for entry_id, fields in entries:
-                after = entry_id
-                out.append((entry_id, fields))
-                seen += fields["type"] == etype
-    return out
+async def _events_until(tail: EventTail, etype: str, count: int, timeout_s: float) -> None:
+    """Follow every shard's events until `count` of type `etype` were seen."""
+    try:
+        await tail.wait(lambda t: t.count(etype) >= count, timeout_s)
+    except TimeoutError:
+        raise TimeoutError(
+            f"only {tail.count(etype)}/{count} {etype} events in {timeout_s} s"
+        ) from None
 
 
 def _topic_messages(bootstrap: str, topic: str) -> int:
@@ -157,22 +149,23 @@ async def drain(
             }
             for i in range(jobs)
         ]
-        keys = Keys(config["redis"].get("key_prefix", "dl"))
+        keys = Keys(config["redis"].get("key_prefix", "dl"), config["redis"].get("shards", 16))
         r: StrRedis = aioredis.Redis(
             host="127.0.0.1", port=redis_server.port, decode_responses=True
         )
         try:
             ids = await _submit(base_url, bodies)
-            await _events_until(r, keys.events, "0-0", "download.succeeded", jobs, 300)
+            await _events_until(EventTail(r, keys), "download.succeeded", jobs, 300)
             processor.stop()  # the backlog is complete: the notifier has the machine to itself
-            start_id = (await r.xrevrange(keys.events, count=1))[0][0]
+            tail = EventTail(r, keys)
+            tail.last = await tail.last_id()
 
             redis_cpu0 = cpu_seconds(redis_server.proc.pid) if redis_server.proc else 0.0
             ticks0 = cpu_ticks()
             spawned = time.monotonic()
             notifier = Role("notifier", path, tmp / "notifier.log").start()
             roles.append(notifier)
-            events = await _events_until(r, keys.events, start_id, "callback.delivered", jobs, 300)
+            await _events_until(tail, "callback.delivered", jobs, 300)
             wall_s = time.monotonic() - spawned
             notifier_cpu = cpu_seconds(notifier.pid)
             redis_cpu = (cpu_seconds(redis_server.proc.pid) if redis_server.proc else 0.0) - (
@@ -182,9 +175,10 @@ async def drain(
         finally:
             await r.aclose()
 
-        attempted = [int(f["ts"]) for _i, f in events if f["type"] == "callback.attempted"]
-        delivered = [int(f["ts"]) for _i, f in events if f["type"] == "callback.delivered"]
-        failed_attempts = sum(f["type"] == "callback.retry_scheduled" for _i, f in events)
+        events = [(t, ms) for job in tail.jobs.values() for t, _d, ms in job]
+        attempted = [ms for t, ms in events if t == "callback.attempted"]
+        delivered = [ms for t, ms in events if t == "callback.delivered"]
+        failed_attempts = sum(t == "callback.retry_scheduled" for t, _ms in events)
         drain_s = (max(delivered) - min(attempted)) / 1000
         if backend == "kafka":
             arrived = await asyncio.to_thread(_topic_messages, bootstrap, topic)

@@ -23,6 +23,7 @@ from common import STACKS_DIR, save_json
 
 from downloader.config import Config
 from downloader.embedded import EmbeddedRedis
+from downloader.ids import new_job_id
 from downloader.jobs import ClaimedJob
 from downloader.models import parse_download_request
 from downloader.storage import Storage, connect
@@ -59,14 +60,16 @@ async def run(jobs: int = 500, aof: bool = True) -> dict[str, Any]:
             }
         )
         fields = request.job_fields(2)
-        await storage.enqueue("Warm0000000000", fields)  # loads the scripts
+        shard = await storage.shard_for("cost")
+        await storage.enqueue(new_job_id(shard), fields)  # loads the scripts
+        ids = [new_job_id(shard) for _ in range(jobs)]
         claimed: list[ClaimedJob] = []
 
         async def claim(_i: int) -> None:
-            claimed.extend((await storage.claim("cost", "bench", 600_000, 1)).jobs)
+            claimed.extend((await storage.claim(shard, "cost", "bench", 600_000, 1)).jobs)
 
         steps: list[tuple[str, Callable[[int], Awaitable[Any]]]] = [
-            ("enqueue", lambda i: storage.enqueue(f"Cost{i:010d}", fields)),
+            ("enqueue", lambda i: storage.enqueue(ids[i], fields)),
             ("claim", claim),
             (
                 "finish",

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS_DIR, Role, Stack, git_commit
 
 from downloader.storage import Keys
+from harness.events import EventTail
 from harness.redis_nodes import StrRedis
 from harness.scale import GatedOrigin, wait_succeeded
 
@@ -55,12 +56,13 @@ async def drain(processors: int, jobs: int, origin: GatedOrigin) -> dict[str, fl
         keys = Keys("dl")
         r: StrRedis = aioredis.Redis(host="127.0.0.1", port=stack.redis.port, decode_responses=True)
         try:
-            last = await r.xrevrange(keys.events, count=1)
+            tail = EventTail(r, keys)
+            tail.last = await tail.last_id()
             config = stack.tmp / "config.json"
             for n in range(processors):
                 role = Role("processor", config, stack.tmp / f"processor-{n}.log").start()
                 stack.roles[f"processor-{n}"] = role
-            succeeded = await wait_succeeded(r, keys, last[0][0], jobs, timeout_s=300)
+            succeeded = await wait_succeeded(tail, jobs, timeout_s=300)
             elapsed = time.monotonic() - origin.opened_at
         finally:
             await r.aclose()

@@ -58,8 +58,7 @@ class EventExporter:
         """One loop per shard: each shard's events are exported in order under a lock of its
         own, so the shards' exports run side by side (in one notifier or spread over several)."""
         return [
-            (f"export-{s}", functools.partial(self.step, s))
-            for s in range(self.storage.shards)
+            (f"export-{s}", functools.partial(self.step, s)) for s in range(self.storage.shards)
         ]
 
     async def step(self, shard: int) -> None:
@@ -71,9 +70,7 @@ class EventExporter:
             # produced but not recorded is sent again by the next exporter (at least once).
             if shard in self._holding:
                 with contextlib.suppress(StorageUnavailable, TimeoutError):
-                    await asyncio.wait_for(
-                        self.storage.export_hold(shard, self.owner, "", 1), 1.0
-                    )
+                    await asyncio.wait_for(self.storage.export_hold(shard, self.owner, "", 1), 1.0)
             raise
 
     async def _export_batch(self, shard: int) -> None:

@@ -77,9 +77,7 @@ class Upkeep:
         """Delete the files whose callback was delivered `deletion_interval` ago; sleep until the
         next is due. A loop of its own: a store slow to answer (an S3 bucket) holds up neither
         retries nor requeues."""
-        rounds = await asyncio.gather(
-            *(self.storage.reap_due(s) for s in self.storage.all_shards)
-        )
+        rounds = await asyncio.gather(*(self.storage.reap_due(s) for s in self.storage.all_shards))
         due = [job_id for ids, _ms in rounds for job_id in ids]
         pending = [ms for _ids, ms in rounds if ms >= 0]
         next_reap_ms = min(pending) if pending else -1
@@ -106,10 +104,7 @@ class Upkeep:
         stream_window_minutes) and its job index to the jobs that can still exist."""
         now_ms = int(time.time() * 1000)
         await asyncio.gather(
-            *(
-                self.storage.trim(s, self.stream_window_ms, now_ms)
-                for s in self.storage.all_shards
-            )
+            *(self.storage.trim(s, self.stream_window_ms, now_ms) for s in self.storage.all_shards)
         )
         await asyncio.sleep(min(10.0, self.stream_window_ms / 10_000))
 

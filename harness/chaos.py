@@ -52,11 +52,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 
+from downloader.config import Config
 from downloader.embedded import EmbeddedRedis
-from downloader.storage import Keys
+from downloader.storage import Storage, connect
 from harness.servers import HoldingReceiver, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -477,17 +477,17 @@ class Chaos:
         )
 
     async def _count_jobs(self) -> int:
-        host, _, port = self.redis_addr.rpartition(":")
-        keys = Keys("dl")
-        prefix = keys.job("")[: -len("{}")]
-        async with aioredis.Redis(host=host, port=int(port), decode_responses=True) as r:
-            return len(
-                [
-                    k
-                    async for k in r.scan_iter(match=keys.job("*"), count=1000)
-                    if k.startswith(prefix) and k.endswith("}")
-                ]
-            )
+        storage = _storage(chaos_config(self.redis_addr, self.workdir))
+        try:
+            return sum([len(await storage.job_ids(s)) for s in storage.all_shards])
+        finally:
+            await storage.close()
+
+
+def _storage(raw: dict[str, Any]) -> Storage:
+    """A storage client of the run's own config (its Redis, its shards)."""
+    config = Config.model_validate(raw)
+    return Storage(connect(config), config)
 
 
 def summary(result: ChaosResult) -> str:
@@ -588,7 +588,7 @@ async def notifier_recovery(
             with contextlib.suppress(TimeoutError):
                 await receiver.wait(lambda: len(receiver.delivered_at) == callbacks, timeout_s)
             times = sorted(t - killed_at for t in receiver.delivered_at.values())
-            states = await _callback_states(redis_addr, ids)
+            states = await _callback_states(raw, ids)
         return RecoveryResult(
             callbacks=callbacks,
             delivered=len(times),
@@ -606,17 +606,18 @@ async def notifier_recovery(
         await origin.close()
 
 
-async def _callback_states(redis_addr: str, ids: list[str]) -> Counter[str]:
+async def _callback_states(raw: dict[str, Any], ids: list[str]) -> Counter[str]:
     """The jobs' callback_state once all are recorded (the receiver sees a callback a moment
     before the notifier records it), or as they are after 10 s."""
-    host, _, port = redis_addr.rpartition(":")
-    keys = Keys("dl")
-    async with aioredis.Redis(host=host, port=int(port), decode_responses=True) as r:
+    storage = _storage(raw)
+    try:
         for _ in range(100):  # bounded: ~10 s
-            states = Counter([str(await r.hget(keys.job(j), "callback_state")) for j in ids])
+            states = Counter([str((await storage.get_job(j)).callback_state) for j in ids])
             if set(states) <= {"Success", "Failed"}:
                 break
             await asyncio.sleep(0.1)
+    finally:
+        await storage.close()
     return states
 
 

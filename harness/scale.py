@@ -10,10 +10,9 @@ from collections import Counter
 
 from aiohttp import web
 
-from downloader.storage import Keys
 from downloader.vocabulary import EventType
+from harness.events import EventTail
 from harness.net import free_port
-from harness.redis_nodes import StrRedis
 
 __all__ = ["GatedOrigin", "wait_succeeded"]
 
@@ -75,21 +74,12 @@ class GatedOrigin:
             self.inflight[aggr] -= 1
 
 
-async def wait_succeeded(
-    r: StrRedis, keys: Keys, after: str, count: int, timeout_s: float
-) -> list[str]:
-    """Block on the global event stream until `count` downloads succeeded after `after`;
+async def wait_succeeded(tail: EventTail, count: int, timeout_s: float) -> list[str]:
+    """Follow every shard's events from where `tail` stands until `count` downloads succeeded;
     returns the ids of the jobs that succeeded (one entry per success)."""
-    succeeded: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while len(succeeded) < count:
-        remaining_ms = int((deadline - time.monotonic()) * 1000)
-        if remaining_ms <= 0:
-            raise TimeoutError(f"only {len(succeeded)} of {count} downloads succeeded")
-        res = await r.xread({keys.events: after}, count=1000, block=min(remaining_ms, 5000))
-        for _stream, entries in res or []:
-            for entry_id, fields in entries:
-                after = entry_id
-                if fields["type"] == EventType.DOWNLOAD_SUCCEEDED:
-                    succeeded.append(fields["job_id"])
-    return succeeded
+    done = EventType.DOWNLOAD_SUCCEEDED
+    try:
+        await tail.wait(lambda t: t.count(done) >= count, timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"only {tail.count(done)} of {count} downloads succeeded") from None
+    return [job for job, events in tail.jobs.items() for t, _d, _ms in events if t == done]

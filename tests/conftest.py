@@ -186,6 +186,20 @@ class Service:
             for _s, entries in res or []:
                 after = entries[-1][0]
 
+    async def all_events(self) -> list[tuple[str, dict[str, str]]]:
+        """Every shard's events as (id, {job_id, type, data}), merged in id (time) order."""
+        keys = self.storage.keys
+        merged = []
+        for s in range(keys.shards):
+            for entry_id, f in await self.storage.r.xrange(keys.events(s)):
+                merged.append((entry_id, {"job_id": f["j"], "type": f["t"], "data": f["d"]}))
+        return sorted(merged, key=lambda e: stream_order(e[0]))
+
+    async def wakes(self) -> int:
+        """Wake entries on every shard's wake stream."""
+        keys = self.storage.keys
+        return sum([await self.storage.r.xlen(keys.wake(s)) for s in range(keys.shards)])
+
     async def close(self) -> None:
         self.stop.set()
         await asyncio.gather(*self.tasks)
@@ -194,6 +208,16 @@ class Service:
         if self.http is not None:
             await self.http.close()
         await self.storage.close()
+
+
+@pytest.fixture
+async def store(make_config: Callable[..., tuple[Path, Config]]) -> AsyncIterator[Storage]:
+    """A Storage on the test's Redis (as the service's own processes make it), to read jobs
+    the way the service does (a settled job is packed: no raw key to look at)."""
+    _path, config = make_config()
+    storage = Storage(connect(config), config)
+    yield storage
+    await storage.close()
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ async def test_calls_of_one_turn_share_one_write(client: StrRedis) -> None:
     echo = client.register_script(ECHO)
     await client.script_load(ECHO)
     replies, writes = await writes_during(
-        asyncio.gather(*(pipe.call(echo, (f"v{i}",)) for i in range(50)))
+        asyncio.gather(*(pipe.call(echo, (), (f"v{i}",)) for i in range(50)))
     )
     assert replies == [f"v{i}" for i in range(50)]
     assert writes == 1
@@ -68,16 +68,16 @@ async def test_a_lone_call_is_sent_alone(client: StrRedis) -> None:
     pipe = AutoPipeline(client)
     echo = client.register_script(ECHO)
     await client.script_load(ECHO)
-    assert await writes_during(pipe.call(echo, ("one",))) == ("one", 1)
+    assert await writes_during(pipe.call(echo, (), ("one",))) == ("one", 1)
 
 
 async def test_a_script_error_fails_only_its_caller(client: StrRedis) -> None:
     pipe = AutoPipeline(client)
     script = client.register_script(FAIL_ON_BOOM)
     replies = await asyncio.gather(
-        pipe.call(script, ("a",)),
-        pipe.call(script, ("boom",)),
-        pipe.call(script, ("c",)),
+        pipe.call(script, (), ("a",)),
+        pipe.call(script, (), ("boom",)),
+        pipe.call(script, (), ("c",)),
         return_exceptions=True,
     )
     assert replies[0] == "a" and replies[2] == "c"
@@ -92,17 +92,17 @@ async def test_unknown_scripts_are_loaded_and_their_calls_sent_again(
     incr = client.register_script("return redis.call('INCR', ARGV[1])")
     await client.delete("ap:n")
     await client.script_flush()
-    replies = await asyncio.gather(*(pipe.call(incr, ("ap:n",)) for _ in range(10)))
+    replies = await asyncio.gather(*(pipe.call(incr, (), ("ap:n",)) for _ in range(10)))
     assert sorted(replies) == list(range(1, 11))
     assert await client.get("ap:n") == "10"
     await client.script_flush()
-    assert await pipe.call(incr, ("ap:n",)) == 11  # the lone-call path recovers too
+    assert await pipe.call(incr, (), ("ap:n",)) == 11  # the lone-call path recovers too
 
 
 async def test_a_cancelled_caller_leaves_the_others_alone(client: StrRedis) -> None:
     pipe = AutoPipeline(client)
     echo = client.register_script(ECHO)
-    first, second = pipe.call(echo, ("x",)), pipe.call(echo, ("y",))
+    first, second = pipe.call(echo, (), ("x",)), pipe.call(echo, (), ("y",))
     first.cancel()
     assert await second == "y"
 
@@ -113,7 +113,9 @@ async def test_wait_without_a_replica_fails_only_the_calls_that_asked(
     pipe = AutoPipeline(client, wait_ms=20)
     echo = client.register_script(ECHO)
     results: tuple[Any, ...] = await asyncio.gather(
-        pipe.call(echo, ("plain",)), pipe.call(echo, ("acked",), acks=1), return_exceptions=True
+        pipe.call(echo, (), ("plain",)),
+        pipe.call(echo, (), ("acked",), acks=1),
+        return_exceptions=True,
     )
     plain, acked = results
     assert plain == "plain"
@@ -129,7 +131,7 @@ async def test_a_dead_server_fails_every_call_of_the_batch() -> None:
     pipe = AutoPipeline(c)
     echo = c.register_script(ECHO)
     replies = await asyncio.gather(
-        *(pipe.call(echo, (str(i),)) for i in range(3)), return_exceptions=True
+        *(pipe.call(echo, (), (str(i),)) for i in range(3)), return_exceptions=True
     )
     assert all(isinstance(r, OSError | aioredis.ConnectionError) for r in replies), replies
     await c.aclose()

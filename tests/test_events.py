@@ -18,7 +18,9 @@ from tests.conftest import ROOT, Service
 from tests.images import png
 
 STREAM_ID = re.compile(r"^\d+-\d+$")
-Snapshot = dict[str, tuple[dict[str, str], int]]
+Snapshot = dict[str, tuple[dict[str, Any], dict[str, str], int]]
+"""job id -> (its view from GET /jobs, its stored projection hash ({} once packed), the PTTL of
+its key: the projection's while it lives, the packed one's once settled)"""
 
 
 def job_body(url: str, receiver: CallbackReceiver, **extra: object) -> dict[str, object]:
@@ -259,11 +261,12 @@ async def run_mix(service: Service, files: FileServer, receiver: CallbackReceive
 
 
 async def snapshot(r: StrRedis, service: Service, ids: list[str]) -> Snapshot:
-    """The projection hash of each job with its PTTL."""
     out: Snapshot = {}
+    keys = service.storage.keys
     for job_id in ids:
-        key = service.storage.keys.job(job_id)
-        out[key] = (await r.hgetall(key), await r.pttl(key))
+        stored = await r.hgetall(keys.job(job_id))
+        ttl = await r.pttl(keys.job(job_id) if stored else keys.done(job_id))
+        out[job_id] = (await service.job(job_id), stored, ttl)
     return out
 
 
@@ -285,13 +288,13 @@ async def run_rebuild(config_path: Path) -> str:
 
 
 def assert_same_projections(before: Snapshot, after: Snapshot) -> None:
-    for key, (fields, ttl) in before.items():
-        rebuilt, rebuilt_ttl = after[key]
-        assert rebuilt == fields, key
+    for job_id, (view, stored, ttl) in before.items():
+        rebuilt_view, rebuilt, rebuilt_ttl = after[job_id]
+        assert (rebuilt_view, rebuilt) == (view, stored), job_id
         if ttl > 0:
-            assert 0 < rebuilt_ttl <= ttl, (key, ttl, rebuilt_ttl)
+            assert 0 < rebuilt_ttl <= ttl, (job_id, ttl, rebuilt_ttl)
         else:
-            assert rebuilt_ttl == ttl, (key, ttl, rebuilt_ttl)
+            assert rebuilt_ttl == ttl, (job_id, ttl, rebuilt_ttl)
 
 
 @pytest.fixture
@@ -301,50 +304,58 @@ async def rebuild_setup(
     files: FileServer,
     receiver: CallbackReceiver,
     redis_client: StrRedis,
-) -> AsyncIterator[tuple[Service, Path, list[str], Snapshot]]:
-    """A service that ran the mix; (service, its config path, job ids, projections snapshot)."""
+) -> AsyncIterator[tuple[Service, Path, str, Snapshot]]:
+    """A service that ran the mix; (service, its config path, the one live job, snapshot)."""
     patch = {"processor": {"shutdown_grace_seconds": 0}}
     service: Service = await service_factory(patch)
     config_path, _ = make_config(patch, name="rebuild.json")
     ids = await run_mix(service, files, receiver)
     before = await snapshot(redis_client, service, ids)
-    assert len(ids) == 9 and all(fields for fields, _ttl in before.values())
-    ttls = sorted(ttl > 0 for _fields, ttl in before.values())
-    assert ttls == [False] + [True] * 8  # only the stalled download is not settled
-    yield service, config_path, ids, before
+    assert len(ids) == 9
+    # the settled jobs are packed (no projection stored, an expiring key); the stalled download
+    # alone has a projection, without a TTL
+    [live] = [job_id for job_id, (_v, stored, _t) in before.items() if stored]
+    assert all(ttl > 0 for job_id, (_v, _s, ttl) in before.items() if job_id != live)
+    assert before[live][2] == -1
+    yield service, config_path, live, before
 
 
-async def last_event_id(r: StrRedis, service: Service) -> str:
-    [(event_id, _fields)] = await r.xrevrange(service.storage.keys.events, count=1)
-    return str(event_id)
+async def positions(r: StrRedis, service: Service) -> list[str]:
+    """The last entry of every shard's event stream."""
+    keys = service.storage.keys
+    return [
+        str(e[0][0]) if (e := await r.xrevrange(keys.events(s), count=1)) else ""
+        for s in range(keys.shards)
+    ]
 
 
-async def test_rebuild_restores_corrupted_projections_field_by_field(
-    rebuild_setup: tuple[Service, Path, list[str], Snapshot], redis_client: StrRedis
+async def test_rebuild_restores_a_corrupted_projection_field_by_field(
+    rebuild_setup: tuple[Service, Path, str, Snapshot], redis_client: StrRedis
 ) -> None:
-    """`downloader rebuild` turns corrupted projections back into the live ones, TTLs kept."""
-    service, config_path, ids, before = rebuild_setup
-    position = await last_event_id(redis_client, service)
-    for key in before:
-        await redis_client.hset(key, mapping={"download_state": "Corrupt", "junk": "1"})
-        await redis_client.hdel(key, "url", "callback_attempts")
+    """`downloader rebuild` turns a corrupted projection back into the live one, TTL kept; the
+    packed jobs need none (their projection is folded from their events whenever read)."""
+    service, config_path, live, before = rebuild_setup
+    position = await positions(redis_client, service)
+    key = service.storage.keys.job(live)
+    await redis_client.hset(key, mapping={"download_state": "Corrupt", "junk": "1"})
+    await redis_client.hdel(key, "url", "callback_attempts")
     out = await run_rebuild(config_path)
-    assert out.startswith(f"rebuilt {len(ids)} jobs from ")
-    assert await last_event_id(redis_client, service) == position  # nothing moved meanwhile
-    assert_same_projections(before, await snapshot(redis_client, service, ids))
+    assert out.startswith("rebuilt 1 live jobs from "), out
+    assert await positions(redis_client, service) == position  # nothing moved meanwhile
+    assert_same_projections(before, await snapshot(redis_client, service, list(before)))
 
 
-async def test_rebuild_recreates_deleted_projections_from_events_alone(
-    rebuild_setup: tuple[Service, Path, list[str], Snapshot], redis_client: StrRedis
+async def test_rebuild_recreates_a_deleted_projection_from_events_alone(
+    rebuild_setup: tuple[Service, Path, str, Snapshot], redis_client: StrRedis
 ) -> None:
-    """`downloader rebuild` recreates deleted projections from the events alone, TTLs kept."""
-    service, config_path, ids, before = rebuild_setup
-    position = await last_event_id(redis_client, service)
-    await redis_client.delete(*before)
+    """`downloader rebuild` recreates a deleted projection from the events alone."""
+    service, config_path, live, before = rebuild_setup
+    position = await positions(redis_client, service)
+    await redis_client.delete(service.storage.keys.job(live))
     out = await run_rebuild(config_path)
-    assert await last_event_id(redis_client, service) == position
-    assert out.startswith(f"rebuilt {len(ids)} jobs from "), out
-    assert_same_projections(before, await snapshot(redis_client, service, ids))
+    assert await positions(redis_client, service) == position
+    assert out.startswith("rebuilt 1 live jobs from "), out
+    assert_same_projections(before, await snapshot(redis_client, service, list(before)))
 
 
 # -- retention -----------------------------------------------------------------------------------
@@ -377,13 +388,13 @@ async def test_settled_jobs_expire_after_retention_unsettled_ones_stay(
         await service.wait_job(ok, lambda j: j["file_state"] == "deleted")
         await service.wait_job(missing, lambda j: j["callback_state"] == "Success")
         await service.wait_job(pending, lambda j: j["delivery_error"] != "")
-        for job_id in (ok, missing):
-            for key in (keys.job(job_id), keys.job_events(job_id)):
-                assert 0 < await redis_client.pttl(key) <= retention_ms, key
-        for key in (keys.job(pending), keys.job_events(pending)):
+        for job_id in (ok, missing):  # settled: packed into one key that expires
+            assert await redis_client.exists(keys.job(job_id), keys.ev(job_id)) == 0
+            assert 0 < await redis_client.pttl(keys.done(job_id)) <= retention_ms
+        for key in (keys.job(pending), keys.ev(pending)):
             assert await redis_client.pttl(key) == -1, key
 
-        wanted = {keys.job(j) for j in (ok, missing)} | {keys.job_events(j) for j in (ok, missing)}
+        wanted = {keys.done(j) for j in (ok, missing)}
         async with asyncio.timeout(10):
             while not wanted <= expired:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -396,7 +407,7 @@ async def test_settled_jobs_expire_after_retention_unsettled_ones_stay(
         job = await service.job(pending)
         assert job["callback_state"] == "Pending"
         assert job["delivery_error"] == "Received status code 500"
-        for key in (keys.job(pending), keys.job_events(pending)):
+        for key in (keys.job(pending), keys.ev(pending)):
             assert await redis_client.pttl(key) == -1, key
     finally:
         await pubsub.unsubscribe()

@@ -76,8 +76,7 @@ async def serving(
 
 async def event_types(svc: Service) -> list[tuple[str, str]]:
     """(job id, type) of every event so far, in order."""
-    entries = await svc.storage.r.xrange(svc.storage.keys.events)
-    return [(fields["job_id"], fields["type"]) for _id, fields in entries]
+    return [(fields["job_id"], fields["type"]) for _id, fields in await svc.all_events()]
 
 
 async def test_one_aggregation_of_slow_downloads_leaves_workers_for_another(

@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource  # type: ignore[at
 
 from downloader.config import Config
 from downloader.storage import Keys
+from harness.events import EventTail
 from harness.kafka_broker import (
     KAFKA_VERSION,
     KafkaBroker,
@@ -203,40 +204,6 @@ def read_topic(kafka: Kafka) -> Iterator[Callable[[str], TopicReader]]:
 
 
 # -- the service, as real OS processes ----------------------------------------------------------
-
-
-class EventLog:
-    """Follows the global event stream (blocking XREAD): each job's event types, in order."""
-
-    def __init__(self, r: StrRedis, keys: Keys) -> None:
-        self.r, self.key, self.last = r, keys.events, "0-0"
-        self.types: dict[str, list[str]] = defaultdict(list)
-
-    def count(self, etype: str, jobs: list[str]) -> int:
-        return sum(self.types[j].count(etype) for j in jobs)
-
-    def all_have(self, etype: str, jobs: list[str]) -> bool:
-        return all(etype in self.types[j] for j in jobs)
-
-    async def wait(self, predicate: Callable[[], bool], timeout_s: float = 20) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                await self._read(block_ms=1000)
-
-    async def catch_up(self) -> None:
-        """Read everything appended so far."""
-        while await self._read(block_ms=None):
-            pass
-
-    async def _read(self, block_ms: int | None) -> int:
-        res = await self.r.xread({self.key: self.last}, count=1000, block=block_ms)
-        read = 0
-        for _stream, entries in res or []:
-            for entry_id, fields in entries:
-                self.last = entry_id
-                self.types[fields["job_id"]].append(fields["type"])
-                read += 1
-        return read
 
 
 class Api:
@@ -530,14 +497,14 @@ async def test_sigkilled_notifier_with_messages_in_flight_loses_no_callback(
     path, _config = make_config(
         {"backends": {"kafka": kafka.settings()}, "notifier": {"concurrency": 50}}
     )
-    log = EventLog(redis_client, Keys(config.redis.key_prefix))
+    log = EventTail(redis_client, Keys(config.redis.key_prefix, config.redis.shards))
     spawn("processor", path)
     first = spawn("notifier", held_path)
     api = await start_api(spawn, path, http)
 
     url = files.add("/k.txt", b"in flight\n")
     ids = [await api.submit(**kafka_job(url, topic, extra=f"k{i}")) for i in range(30)]
-    await log.wait(lambda: log.count("callback.attempted", ids) == 30)
+    await log.wait(lambda t: t.count("callback.attempted", ids) == 30, timeout_s=20)
     first.kill()
     await log.catch_up()
     assert log.count("callback.delivered", ids) == 0
@@ -545,7 +512,7 @@ async def test_sigkilled_notifier_with_messages_in_flight_loses_no_callback(
     assert await reader.message_count() == 0  # nothing had reached the broker
 
     spawn("notifier", path)
-    await log.wait(lambda: log.all_have("callback.delivered", ids))
+    await log.wait(lambda t: t.all_have("callback.delivered", ids), timeout_s=20)
     records = await reader.keys(set(ids))
     for i, job_id in enumerate(ids):
         job = await api.get(f"/jobs/{job_id}")
@@ -576,7 +543,7 @@ async def test_event_export_is_complete_and_ordered_per_job_across_notifier_rest
     path, config = make_config(
         {"backends": {"kafka": kafka.settings()}, "events": {"kafka_topic": export}}
     )
-    log = EventLog(redis_client, Keys(config.redis.key_prefix))
+    log = EventTail(redis_client, Keys(config.redis.key_prefix, config.redis.shards))
     reader = read_topic(export)
     spawn("processor", path)
     notifier = spawn("notifier", path)
@@ -603,7 +570,7 @@ async def test_event_export_is_complete_and_ordered_per_job_across_notifier_rest
     third = await batch("c")
 
     ids = first + second + third
-    await log.wait(lambda: log.all_have("file.deleted", ids), timeout_s=30)  # nothing more comes
+    await log.wait(lambda t: t.all_have("file.deleted", ids), timeout_s=30)  # nothing more comes
     expected = {job_id: (await api.get(f"/jobs/{job_id}/events"))["events"] for job_id in ids}
     wanted = {e["id"] for events in expected.values() for e in events}
     await reader.until(lambda rs: wanted <= {r.header("event-id") for r in rs}, timeout_s=30)

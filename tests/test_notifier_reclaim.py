@@ -4,7 +4,6 @@ takeover script, the fenced callback_end, and real notifier processes killed or 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from downloader.config import Config
 from downloader.embedded import EmbeddedRedis
+from downloader.ids import new_job_id, shard_of
 from downloader.models import parse_download_request
 from downloader.storage import CALLBACK_GROUP, Keys, Storage, connect
 from downloader.vocabulary import CallbackOutcome, DownloadOutcome
@@ -41,21 +41,34 @@ async def new_storage(make_config: MakeConfig) -> Storage:
     return Storage(connect(config), config)
 
 
-async def job_awaiting_callback(storage: Storage, job_id: str) -> None:
-    """A job whose download succeeded: its callback entry is on the callbacks stream."""
+async def job_awaiting_callback(storage: Storage) -> str:
+    """A job whose download succeeded: its callback entry is on its shard's callbacks stream."""
     req = parse_download_request(
         {"aggr_id": "r", "aggr_limit": 5, "url": "http://o.test/x", "callback_url": "http://c/"}
     )
+    job_id = new_job_id(await storage.shard_for("r"))
     await storage.enqueue(job_id, req.job_fields(2))
-    [claimed] = (await storage.claim("r", "proc", 60_000, 1)).jobs
-    done = {"attempt": 1, "response_code": 200, "download_url": "u", "file_mime_type": "t/p"}
+    [claimed] = (await storage.claim(shard_of(job_id), "r", "proc", 60_000, 1)).jobs
+    done = {
+        "attempt": 1,
+        "response_code": 200,
+        "download_url": "u",
+        "file_mime_type": "t/p",
+        "file_bytes": 1,
+        "image_size": "",
+    }
     assert (await storage.finish(job_id, claimed.lease, DownloadOutcome.SUCCEEDED, done)).recorded
+    return str(job_id)
 
 
-async def consumers(r: StrRedis, keys: Keys) -> dict[str, int]:
-    """The callbacks group's consumers and their pending counts."""
-    rows = await r.xinfo_consumers(keys.callbacks, CALLBACK_GROUP)
-    return {row["name"]: int(row["pending"]) for row in rows}
+async def consumers(r: StrRedis, keys: Keys, shard: int | None = None) -> dict[str, int]:
+    """The callbacks group's consumers and their pending counts: of one shard, or summed over
+    every shard (a consumer joins a shard's group when first handed one of its entries)."""
+    counts: dict[str, int] = {}
+    for s in range(keys.shards) if shard is None else [shard]:
+        for row in await r.xinfo_consumers(keys.callbacks(s), CALLBACK_GROUP):
+            counts[row["name"]] = counts.get(row["name"], 0) + int(row["pending"])
+    return counts
 
 
 async def instance_of(r: StrRedis, keys: Keys, proc: Proc, timeout_s: float = 20) -> str:
@@ -92,13 +105,13 @@ async def submit_jobs(api: str, files: FileServer, callback: str, n: int) -> lis
     return ids
 
 
-async def callback_events(r: StrRedis, keys: Keys, job_id: str) -> list[tuple[str, Any]]:
-    events = await r.xrange(keys.job_events(job_id))
-    return [(f["type"], json.loads(f["data"])) for _id, f in events if "callback" in f["type"]]
+async def callback_events(storage: Storage, job_id: str) -> list[tuple[str, Any]]:
+    events = await storage.get_events(job_id)
+    return [(e.type, e.data()) for e in events if e.type.startswith("callback")]
 
 
-async def all_settled(r: StrRedis, keys: Keys, ids: list[str]) -> bool:
-    states = [await r.hget(keys.job(j), "callback_state") for j in ids]
+async def all_settled(storage: Storage, ids: list[str]) -> bool:
+    states = [(await storage.get_job(j)).callback_state for j in ids]
     return all(s == "Success" for s in states)
 
 
@@ -113,11 +126,11 @@ async def test_takeover_moves_only_a_gone_consumers_entries_each_to_one_taker(
     storage = await new_storage(make_config)
     keys = storage.keys
     try:
-        await storage.ensure_callback_group()
+        await storage.ensure_callback_groups()
         for i in range(23):
-            await redis_client.xadd(keys.callbacks, {"job_id": f"J{i}"})
-        gone = await storage.read_callbacks("gone", 20, 100)
-        live = await storage.read_callbacks("live", 3, 100)
+            await redis_client.xadd(keys.callbacks(0), {"job_id": f"J{i}"})
+        gone = [(e, j) for _s, e, j in await storage.read_callbacks([0], "gone", 20, 100)]
+        live = await storage.read_callbacks([0], "live", 3, 100)
         for alive in ("live", "b", "c"):
             await storage.beat("notifier", alive, 60_000)
         results = await asyncio.gather(
@@ -143,34 +156,35 @@ async def test_a_stale_attempt_records_nothing_and_leaves_the_entry_to_the_taker
     storage = await new_storage(make_config)
     keys = storage.keys
     try:
-        await job_awaiting_callback(storage, "Stale1")
-        await storage.ensure_callback_group()
-        [(entry, _job)] = await storage.read_callbacks("slow", 10, 100)
-        first = await storage.callback_begin("Stale1")
+        stale = await job_awaiting_callback(storage)
+        shard = shard_of(stale)
+        await storage.ensure_callback_groups()
+        [(_s, entry, _job)] = await storage.read_callbacks([shard], "slow", 10, 100)
+        first = await storage.callback_begin(stale)
         assert first is not None
         [takeover] = await storage.take_over_callbacks("taker", 10)
-        assert takeover.entries == [(entry, "Stale1")]
-        second = await storage.callback_begin("Stale1")
+        assert takeover.entries == [(entry, stale)]
+        second = await storage.callback_begin(stale)
         assert second is not None
         assert (first.callback_attempts, second.callback_attempts) == (1, 2)
 
         late = {"attempt": 1, "delivery_error": "500", "retry_in_ms": 10}
-        assert await storage.callback_end("Stale1", CallbackOutcome.RETRY, late, entry, 10) == ""
-        assert await redis_client.hget(keys.job("Stale1"), "callback_state") == "InProgress"
-        assert await redis_client.zcard(keys.callback_retries) == 0
-        assert await consumers(redis_client, keys) == {"taker": 1}
+        assert await storage.callback_end(stale, CallbackOutcome.RETRY, late, entry, 10) == ""
+        assert (await storage.get_job(stale)).callback_state == "InProgress"
+        assert await redis_client.zcard(keys.callback_retries(shard)) == 0
+        assert await consumers(redis_client, keys, shard) == {"taker": 1}
 
         assert await storage.callback_end(
-            "Stale1", CallbackOutcome.DELIVERED, {"attempt": 2}, entry, 60_000
+            stale, CallbackOutcome.DELIVERED, {"attempt": 2}, entry, 60_000
         )
-        assert await redis_client.hget(keys.job("Stale1"), "callback_state") == "Success"
-        assert await consumers(redis_client, keys) == {"taker": 0}
+        assert (await storage.get_job(stale)).callback_state == "Success"
+        assert await consumers(redis_client, keys, shard) == {"taker": 0}
 
         # the slow one again, after the end: still nothing recorded
         failed = {"attempt": 1, "delivery_error": "gone"}
-        assert await storage.callback_end("Stale1", CallbackOutcome.FAILED, failed, entry, 0) == ""
-        assert await redis_client.hget(keys.job("Stale1"), "callback_state") == "Success"
-        types = [t for t, _d in await callback_events(redis_client, keys, "Stale1")]
+        assert await storage.callback_end(stale, CallbackOutcome.FAILED, failed, entry, 0) == ""
+        assert (await storage.get_job(stale)).callback_state == "Success"
+        types = [t for t, _d in await callback_events(storage, stale)]
         assert types == ["callback.attempted", "callback.attempted", "callback.delivered"]
     finally:
         await storage.close()
@@ -204,8 +218,7 @@ async def test_a_callback_cut_short_by_a_redis_outage_is_delivered_again_by_its_
         await receiver.wait(lambda: len(receiver.delivered) == 1, timeout_s=20)
         job = await front.wait_job(job_id, lambda j: j["callback_state"] == "Success")
         assert job["callback_attempts"] == 2
-        keys = front.storage.keys
-        events = await callback_events(front.storage.r, keys, job_id)
+        events = await callback_events(front.storage, job_id)
         assert [t for t, _d in events] == [
             "callback.attempted",
             "callback.attempted",
@@ -217,10 +230,30 @@ async def test_a_callback_cut_short_by_a_redis_outage_is_delivered_again_by_its_
 
 # -- real notifier processes ---------------------------------------------------------------------
 
+OpenStorage = Callable[[Config], Storage]
+
+
+@pytest.fixture
+async def open_storage() -> AsyncIterator[OpenStorage]:
+    """Storage clients on a test's config, closed after the test."""
+    opened: list[Storage] = []
+
+    def open_(config: Config) -> Storage:
+        opened.append(Storage(connect(config), config))
+        return opened[-1]
+
+    yield open_
+    for storage in opened:
+        await storage.close()
+
 
 @pytest.mark.timeout(120)
 async def test_sigkilled_notifier_callbacks_move_on_once_its_heartbeat_lapses(
-    spawn: Spawn, make_config: MakeConfig, redis_client: StrRedis, files: FileServer
+    spawn: Spawn,
+    make_config: MakeConfig,
+    redis_client: StrRedis,
+    files: FileServer,
+    open_storage: OpenStorage,
 ) -> None:
     """A notifier SIGKILLed mid-delivery: a running notifier delivers every one of its
     callbacks once its liveness lapses, long before claim_idle_ms (120 s, now ignored), and the
@@ -228,7 +261,8 @@ async def test_sigkilled_notifier_callbacks_move_on_once_its_heartbeat_lapses(
     receiver = await HoldingReceiver().start()
     try:
         path, config = make_config({"notifier": {"claim_idle_ms": 120_000}})
-        keys = Keys(config.redis.key_prefix)
+        storage = open_storage(config)
+        keys = storage.keys
         spawn("processor", path)
         first = spawn("notifier", path)
         api = await start_api(spawn, path)
@@ -241,9 +275,9 @@ async def test_sigkilled_notifier_callbacks_move_on_once_its_heartbeat_lapses(
         await receiver.wait(lambda: len(receiver.delivered) == 8, timeout_s=60)
         assert set(receiver.delivered) == set(ids)
         assert all(len(receiver.delivered[j]) == 1 for j in ids)
-        await until_async(lambda: all_settled(redis_client, keys, ids), timeout_s=10)
+        await until_async(lambda: all_settled(storage, ids), timeout_s=10)
         for job_id in ids:
-            events = await callback_events(redis_client, keys, job_id)
+            events = await callback_events(storage, job_id)
             assert events == [
                 ("callback.attempted", {"attempt": 1}),
                 ("callback.attempted", {"attempt": 2}),
@@ -256,7 +290,11 @@ async def test_sigkilled_notifier_callbacks_move_on_once_its_heartbeat_lapses(
 
 @pytest.mark.timeout(120)
 async def test_a_slow_live_notifier_keeps_its_callbacks(
-    spawn: Spawn, make_config: MakeConfig, redis_client: StrRedis, files: FileServer
+    spawn: Spawn,
+    make_config: MakeConfig,
+    redis_client: StrRedis,
+    files: FileServer,
+    open_storage: OpenStorage,
 ) -> None:
     """Callbacks whose receiver answers after 7 s (past the 5 s liveness lapse and a 1 s
     claim_idle_ms) are delivered once each by the notifier that took them; the other running
@@ -267,7 +305,8 @@ async def test_a_slow_live_notifier_keeps_its_callbacks(
         path, config = make_config(
             {"notifier": {"claim_idle_ms": 1000}, "backends": {"http": {"timeout": 30}}}
         )
-        keys = Keys(config.redis.key_prefix)
+        storage = open_storage(config)
+        keys = storage.keys
         spawn("processor", path)
         notifiers = [spawn("notifier", path) for _ in range(2)]
         for n in notifiers:
@@ -276,10 +315,10 @@ async def test_a_slow_live_notifier_keeps_its_callbacks(
         ids = await submit_jobs(api, files, receiver.url("/cb"), 6)
 
         await receiver.wait_total(6, timeout=60)
-        await until_async(lambda: all_settled(redis_client, keys, ids), timeout_s=10)
+        await until_async(lambda: all_settled(storage, ids), timeout_s=10)
         for job_id in ids:
             assert len(receiver.for_job(job_id)) == 1
-            events = await callback_events(redis_client, keys, job_id)
+            events = await callback_events(storage, job_id)
             assert events == [
                 ("callback.attempted", {"attempt": 1}),
                 ("callback.delivered", {"attempt": 1}),
@@ -296,11 +335,13 @@ async def test_a_gone_notifier_without_callbacks_leaves_the_group(
     redis_client: StrRedis,
     files: FileServer,
     receiver: CallbackReceiver,
+    open_storage: OpenStorage,
 ) -> None:
     """The consumer of a notifier SIGKILLed with nothing pending is deleted from the group by
     another notifier once its liveness lapses: restarts do not grow the group."""
     path, config = make_config()
-    keys = Keys(config.redis.key_prefix)
+    storage = open_storage(config)
+    keys = storage.keys
     spawn("processor", path)
     first = spawn("notifier", path)
     dead = await instance_of(redis_client, keys, first)
@@ -308,7 +349,7 @@ async def test_a_gone_notifier_without_callbacks_leaves_the_group(
     # Redis 6.2 adds a consumer to the group when it is first handed an entry
     [job_id] = await submit_jobs(api, files, receiver.url("/cb"), 1)
     await receiver.wait_for(job_id, timeout=30)
-    await until_async(lambda: all_settled(redis_client, keys, [job_id]), timeout_s=10)
+    await until_async(lambda: all_settled(storage, [job_id]), timeout_s=10)
     assert await consumers(redis_client, keys) == {dead: 0}
     first.kill()
     survivor = await instance_of(redis_client, keys, spawn("notifier", path))
@@ -322,14 +363,19 @@ async def test_a_gone_notifier_without_callbacks_leaves_the_group(
 
 @pytest.mark.timeout(120)
 async def test_sigterm_hands_unsettled_callbacks_over_at_once(
-    spawn: Spawn, make_config: MakeConfig, redis_client: StrRedis, files: FileServer
+    spawn: Spawn,
+    make_config: MakeConfig,
+    redis_client: StrRedis,
+    files: FileServer,
+    open_storage: OpenStorage,
 ) -> None:
     """A notifier stopped by SIGTERM with callbacks still held past its grace exits 0 with its
     liveness key already deleted (no lapse to wait for); another notifier delivers them."""
     receiver = await HoldingReceiver().start()
     try:
         path, config = make_config({"notifier": {"shutdown_grace_seconds": 0.5}})
-        keys = Keys(config.redis.key_prefix)
+        storage = open_storage(config)
+        keys = storage.keys
         spawn("processor", path)
         first = spawn("notifier", path)
         stopping = await instance_of(redis_client, keys, first)
@@ -342,14 +388,18 @@ async def test_sigterm_hands_unsettled_callbacks_over_at_once(
         assert await redis_client.exists(keys.alive("notifier", stopping)) == 0
         await receiver.wait(lambda: len(receiver.delivered) == 5, timeout_s=60)
         assert set(receiver.delivered) == set(ids)
-        await until_async(lambda: all_settled(redis_client, keys, ids), timeout_s=10)
+        await until_async(lambda: all_settled(storage, ids), timeout_s=10)
     finally:
         await receiver.close()
 
 
 @pytest.mark.timeout(120)
 async def test_a_stopping_notifier_keeps_its_callbacks_through_the_grace(
-    spawn: Spawn, make_config: MakeConfig, redis_client: StrRedis, files: FileServer
+    spawn: Spawn,
+    make_config: MakeConfig,
+    redis_client: StrRedis,
+    files: FileServer,
+    open_storage: OpenStorage,
 ) -> None:
     """A notifier given SIGTERM beats on through its grace: callbacks it finishes 7 s later
     (past the 5 s lapse) are recorded by it, once, and no other notifier takes one."""
@@ -358,7 +408,8 @@ async def test_a_stopping_notifier_keeps_its_callbacks_through_the_grace(
         path, config = make_config(
             {"notifier": {"shutdown_grace_seconds": 30}, "backends": {"http": {"timeout": 30}}}
         )
-        keys = Keys(config.redis.key_prefix)
+        storage = open_storage(config)
+        keys = storage.keys
         spawn("processor", path)
         first = spawn("notifier", path)
         api = await start_api(spawn, path)
@@ -371,10 +422,10 @@ async def test_a_stopping_notifier_keeps_its_callbacks_through_the_grace(
         receiver.release.set()
 
         assert await asyncio.to_thread(first.popen.wait, 30) == 0, first.log()
-        await until_async(lambda: all_settled(redis_client, keys, ids), timeout_s=10)
+        await until_async(lambda: all_settled(storage, ids), timeout_s=10)
         assert receiver.delivered == {}  # no second delivery of any
         for job_id in ids:
-            events = await callback_events(redis_client, keys, job_id)
+            events = await callback_events(storage, job_id)
             assert events == [
                 ("callback.attempted", {"attempt": 1}),
                 ("callback.delivered", {"attempt": 1}),

@@ -141,8 +141,8 @@ async def test_storage_raises_only_storage_unavailable_when_redis_is_down(
         calls = [
             storage.get_job("NoSuchJob0001"),
             storage.enqueue("NoSuchJob0002", {"aggr_id": "a", "aggr_limit": 1, "aggr_proxy": ""}),
-            storage.claim("a", "p", 1000, 1),
-            storage.read_callbacks("c", 1, 10),
+            storage.claim(0, "a", "p", 1000, 1),
+            storage.read_callbacks([0], "c", 1, 10),
             storage.pending_aggregations(),
             storage.publish_stats("api", "x", {}, 1000),
         ]

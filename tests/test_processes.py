@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 
 from downloader.config import Config
-from downloader.storage import Keys
+from downloader.storage import Keys, Storage
+from harness.events import EventTail
 from harness.redis_nodes import StrRedis
 from harness.servers import CallbackReceiver, HoldingReceiver, _Server, free_port, wait_http
 from tests.conftest import Proc, start_api
@@ -94,34 +95,6 @@ class Origin(_Server):
                     await asyncio.sleep(self.slow_first_s / pieces)
                     await resp.write(BODY[i * step : (i + 1) * step])
         return resp
-
-
-class EventTail:
-    """Follows the global event stream (blocking XREAD): every job's events, in order."""
-
-    def __init__(self, r: StrRedis, keys: Keys) -> None:
-        self.r, self.key = r, keys.events
-        self.last = "0-0"
-        self.jobs: dict[str, list[tuple[str, dict[str, Any], int]]] = defaultdict(list)
-
-    def types(self, job_id: str) -> list[str]:
-        return [t for t, _d, _ts in self.jobs[job_id]]
-
-    def of_type(self, job_id: str, etype: str) -> list[tuple[dict[str, Any], int]]:
-        return [(d, ts) for t, d, ts in self.jobs[job_id] if t == etype]
-
-    def count(self, etype: str) -> int:
-        return sum(t == etype for events in self.jobs.values() for t, _d, _ts in events)
-
-    async def wait(self, predicate: Callable[[EventTail], bool], timeout_s: float = 10) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate(self):
-                res = await self.r.xread({self.key: self.last}, count=1000, block=1000)
-                for _stream, entries in res or []:
-                    for entry_id, f in entries:
-                        self.last = entry_id
-                        event = (f["type"], json.loads(f["data"]), int(f["ts"]))
-                        self.jobs[f["job_id"]].append(event)
 
 
 @pytest.fixture
@@ -202,7 +175,7 @@ async def test_aggregation_cap_holds_across_two_processor_processes(
     aggregation's limit of 3 downloads at once; reaching 3 takes both of them."""
     origin: Origin = await origin_factory(hold_s=0.1)
     path, config = make_config({"processor": {"max_workers": 2}})
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys(config.redis.key_prefix, config.redis.shards)
     spawn("processor", path)
     spawn("processor", path)
     spawn("notifier", path)
@@ -242,7 +215,7 @@ async def test_processor_stats_count_every_success_it_recorded(
     origin: Origin = await origin_factory()
     # short leases renew often: many renewals overlap with downloads being recorded
     path, config = make_config({"processor": {"lease_ms": 300}})
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys(config.redis.key_prefix, config.redis.shards)
     spawn("processor", path)
     api = await start_api(spawn, path)
     await live_processors(redis_client, keys, 1)
@@ -276,7 +249,7 @@ async def test_sigkilled_processor_loses_no_job(
     """Jobs of a processor killed mid-download are requeued when the lease expires, and finished."""
     origin: Origin = await origin_factory(stall_first=True)
     path, config = make_config()
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys(config.redis.key_prefix, config.redis.shards)
     first = spawn("processor", path)
     spawn("notifier", path)
     api = await start_api(spawn, path)
@@ -330,7 +303,7 @@ async def test_sigterm_hands_a_stuck_download_back_at_once(
     path, config = make_config(
         {"processor": {"lease_ms": lease_ms, "shutdown_grace_seconds": grace_s}}
     )
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys(config.redis.key_prefix, config.redis.shards)
     procs = [spawn("processor", path), spawn("processor", path)]
     spawn("notifier", path)
     api = await start_api(spawn, path)
@@ -378,7 +351,7 @@ async def test_draining_processor_keeps_its_leases_through_the_grace(
     requeued and fetched again because its lease lapsed while the processor drained."""
     origin: Origin = await origin_factory(slow_first_s=2.0)
     path, config = make_config({"processor": {"shutdown_grace_seconds": 3}})  # lease_ms 1000
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys(config.redis.key_prefix, config.redis.shards)
     procs = [spawn("processor", path), spawn("processor", path)]
     spawn("notifier", path)
     api = await start_api(spawn, path)
@@ -408,6 +381,7 @@ async def test_sigkilled_notifier_callbacks_are_reclaimed_and_delivered(
     origin_factory: Callable[..., Any],
     redis_client: StrRedis,
     http: aiohttp.ClientSession,
+    store: Storage,
 ) -> None:
     """Callbacks a killed notifier was delivering are taken over by a notifier started after it
     once its liveness lapses, and delivered (attempt 2 records)."""
@@ -415,7 +389,7 @@ async def test_sigkilled_notifier_callbacks_are_reclaimed_and_delivered(
     receiver = await HoldingReceiver().start()
     try:
         path, config = make_config()
-        keys = Keys(config.redis.key_prefix)
+        keys = Keys(config.redis.key_prefix, config.redis.shards)
         spawn("processor", path)
         first = spawn("notifier", path)
         api = await start_api(spawn, path)
@@ -435,14 +409,10 @@ async def test_sigkilled_notifier_callbacks_are_reclaimed_and_delivered(
             assert attempts == [1, 2]
             [(delivered, _ts)] = tail.of_type(job_id, "callback.delivered")
             assert delivered == {"attempt": 2}
-            projection = await redis_client.hgetall(keys.job(job_id))
-            assert projection["callback_state"] == "Success"
-        assert await redis_client.xpending(keys.callbacks, "notifiers") == {
-            "pending": 0,
-            "min": None,
-            "max": None,
-            "consumers": [],
-        }
+            assert (await store.get_job(job_id)).callback_state == "Success"
+        for shard in range(keys.shards):
+            pending = await redis_client.xpending(keys.callbacks(shard), "notifiers")
+            assert (pending["pending"], pending["consumers"]) == (0, []), shard
     finally:
         await receiver.close()
 
@@ -462,7 +432,7 @@ async def test_run_under_load_one_final_callback_per_job_and_caps_hold(
     callback with the right outcome, and no aggregation exceeds its limit of 10."""
     origin: Origin = await origin_factory(hold_s=0.05)
     path, config = make_config()
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys(config.redis.key_prefix, config.redis.shards)
     port = free_port()
     spawn("run", path, port)
     api = f"http://127.0.0.1:{port}"

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from downloader.ids import shard_of
 from downloader.processor import HAND_ON_CHAIN
 from harness.servers import CallbackReceiver, FileServer, free_port, job_request, until
 from tests.conftest import Service
@@ -187,7 +188,7 @@ async def test_a_handed_on_slot_does_not_starve_other_aggregations(
         await until(lambda: origin.requests >= 2)
         other = await service.submit(**body(url, receiver, aggr_id="other"))
         await receiver.wait_total(11, timeout=15)
-        events = await service.storage.r.xrange(service.storage.keys.events)
+        events = await service.all_events()
         started = [f["job_id"] for _id, f in events if f["type"] == "download.started"]
         assert started.index(other) <= 3, f"{started.index(other)} busy jobs went first"
         assert set(started) == {*busy, other}
@@ -206,11 +207,10 @@ async def test_a_slot_is_handed_on_at_most_hand_on_chain_times_in_a_row(
     ids = [
         await api.submit(**body(url, receiver, aggr_id="chain", aggr_limit=1)) for _ in range(20)
     ]
-    wake = api.storage.keys.wake
-    wakes_before = await api.storage.r.xlen(wake)
+    wakes_before = await api.wakes()
     await service_factory(roles={"processor"})
     await receiver.wait_total(20, timeout=15)
-    finish_wakes = await api.storage.r.xlen(wake) - wakes_before
+    finish_wakes = await api.wakes() - wakes_before
     runs = [HAND_ON_CHAIN + 1] * (20 // (HAND_ON_CHAIN + 1)) + [20 % (HAND_ON_CHAIN + 1)]
     assert finish_wakes == len([r for r in runs if r]), (finish_wakes, runs)
     assert {p["job_id"] for p in receiver.received} == set(ids)
@@ -238,6 +238,6 @@ async def test_a_file_the_reaper_cannot_delete_is_logged_and_retried_later(
     await svc.wait_job(fine, lambda j: j["file_state"] == "deleted")
     job = await svc.job(stuck)
     assert job["file_state"] == "stored"
-    due = await svc.storage.r.zscore(svc.storage.keys.reap, stuck)
+    due = await svc.storage.r.zscore(svc.storage.keys.reap(shard_of(stuck)), stuck)
     assert due is not None  # still due, later
     assert path.is_dir()

@@ -15,6 +15,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from downloader.errors import PermanentError, TransientError
+from downloader.ids import shard_of
 from downloader.s3store import classify_s3_error
 from harness.moto_server import REGION, MotoServer
 from harness.redis_nodes import StrRedis
@@ -68,6 +69,12 @@ async def get_object(server: MotoServer, bucket: str, key: str) -> tuple[bytes, 
 async def object_keys(server: MotoServer, bucket: str) -> list[str]:
     res = await asyncio.to_thread(server.client().list_objects_v2, Bucket=bucket)
     return [o["Key"] for o in res.get("Contents", [])]
+
+
+async def callbacks_queued(r: StrRedis, service: Service) -> int:
+    """Entries on every shard's callbacks stream."""
+    keys = service.storage.keys
+    return sum([await r.xlen(keys.callbacks(s)) for s in range(keys.shards)])
 
 
 async def events_of(service: Service, job_id: str) -> list[dict[str, Any]]:
@@ -155,7 +162,7 @@ async def test_job_with_bucket_and_callback_is_uploaded_and_called_back(
     }
     assert_nothing_local(svc, job_id)
     # S3 objects are never reaped: nothing is scheduled, and the job is settled (it expires)
-    assert await redis_client.zscore(svc.storage.keys.reap, job_id) is None
+    assert await redis_client.zscore(svc.storage.keys.reap(shard_of(job_id)), job_id) is None
     assert await redis_client.pttl(svc.storage.keys.job(job_id)) > 0
 
 
@@ -180,22 +187,23 @@ async def test_job_with_bucket_and_no_callback_is_uploaded_without_any_callback(
         "",
         "",
     )
-    assert await redis_client.xlen(svc.storage.keys.callbacks) == 0
+    assert await callbacks_queued(redis_client, svc) == 0
     assert [e["type"] for e in await events_of(svc, job_id)] == [
         "job.accepted",
         "download.started",
         "download.succeeded",
     ]
-    job_key = svc.storage.keys.job(job_id)
-    assert await redis_client.pttl(job_key) > 0  # settled: kept for events.retention_hours
+    # settled: packed into one key, kept for events.retention_hours
+    assert await redis_client.exists(svc.storage.keys.job(job_id)) == 0
+    assert await redis_client.pttl(svc.storage.keys.done(job_id)) > 0
 
     status, body = await svc.post(f"/retry/{job_id}")
     assert status == 409, body
     assert "no callback" in body["error"] and body["field"] == "job_id"
 
-    live = await redis_client.hgetall(job_key)
-    assert await svc.storage.rebuild(job_id) == 3
-    assert await redis_client.hgetall(job_key) == live
+    # a packed job's projection is folded from its events whenever it is read
+    assert await svc.storage.rebuild(job_id) == 0
+    assert await svc.job(job_id) == job
     assert_nothing_local(svc, job_id)
 
 
@@ -570,8 +578,8 @@ async def test_aborting_a_job_without_callback_queues_no_callback(
     assert status == 200, answer
     job = await s3_api.job(job_id)
     assert (job["download_state"], job["callback_state"]) == ("Failed", "NotRequested")
-    assert await redis_client.xlen(s3_api.storage.keys.callbacks) == 0
-    assert await redis_client.pttl(s3_api.storage.keys.job(job_id)) > 0
+    assert await callbacks_queued(redis_client, s3_api) == 0
+    assert await redis_client.pttl(s3_api.storage.keys.done(job_id)) > 0
 
 
 async def test_aborting_a_job_mid_upload_stops_the_upload_and_keeps_nothing(

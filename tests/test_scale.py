@@ -11,6 +11,7 @@ import pytest
 
 from downloader.config import Config
 from downloader.storage import Keys
+from harness.events import EventTail
 from harness.redis_nodes import StrRedis
 from harness.scale import GatedOrigin, wait_succeeded
 from harness.servers import CallbackReceiver
@@ -35,7 +36,7 @@ async def test_three_processors_share_a_backlog_within_the_caps(
     24 requests wait), every job succeeds exactly once, and no aggregation ever runs more than
     its cap of 2 downloads across the three."""
     config_path, config = make_config({"processor": {"max_workers": MAX_WORKERS}}, "scale.json")
-    keys = Keys(config.redis.key_prefix)
+    keys = Keys(config.redis.key_prefix, config.redis.shards)
     api = await service_factory(roles={"api"})
     origin = await GatedOrigin().start()
     try:
@@ -51,10 +52,11 @@ async def test_three_processors_share_a_backlog_within_the_caps(
                     callback_url=receiver.url("/cb"),
                 )
             )
-        last = await redis_client.xrevrange(keys.events, count=1)
+        tail = EventTail(redis_client, keys)
+        tail.last = await tail.last_id()
         procs = [spawn("processor", config_path) for _ in range(PROCESSORS)]
         try:
-            succeeded = await wait_succeeded(redis_client, keys, last[0][0], JOBS, timeout_s=90)
+            succeeded = await wait_succeeded(tail, JOBS, timeout_s=90)
         finally:
             for p in procs:
                 assert p.terminate() == 0, p.log()

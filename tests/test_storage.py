@@ -1,14 +1,19 @@
-"""The storage layer against a real Redis: key names, lease fencing, registry upkeep."""
+"""The storage layer against a real Redis: key names, lease fencing, registry upkeep, packing a
+settled job, placing aggregations."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from redis.crc import key_slot
+
+from downloader.ids import new_job_id, shard_of
 from downloader.models import parse_download_request
 from downloader.storage import Storage, connect
-from downloader.vocabulary import DownloadOutcome, DownloadState
+from downloader.vocabulary import CallbackOutcome, DownloadOutcome, DownloadState, FileState
 from harness.redis_nodes import StrRedis
 
 
@@ -29,6 +34,13 @@ def fields(aggr: str = "s", limit: int = 2) -> dict[str, Any]:
     return req.job_fields(2)
 
 
+async def submit(storage: Storage, aggr: str = "s", limit: int = 2) -> str:
+    """A job accepted the way the API does it: in its aggregation's shard."""
+    job_id = new_job_id(await storage.shard_for(aggr))
+    await storage.enqueue(job_id, fields(aggr, limit))
+    return job_id
+
+
 SUCCEEDED = {  # the data of a download.succeeded event
     "attempt": 1,
     "response_code": 200,
@@ -39,24 +51,28 @@ SUCCEEDED = {  # the data of a download.succeeded event
 }
 
 
-async def test_lua_builds_the_same_key_names_as_python(
+async def test_every_key_of_a_job_is_one_keys_names_in_its_shards_slot(
     make_config: Any, redis_client: StrRedis
 ) -> None:
-    """Every key a script writes for a job and its aggregation is one storage.Keys names."""
+    """The keys a script writes for a job and its aggregation are names storage.Keys builds,
+    all in the slot of the aggregation's shard (the placement directory has its own)."""
     storage = await new_storage(make_config)
     try:
-        await storage.enqueue("Job1", fields("ag"))
-        k = storage.keys
+        job_id = await submit(storage, "ag")
+        shard, k = shard_of(job_id), storage.keys
         expected = {
-            k.job("Job1"),
-            k.job_events("Job1"),
-            k.events,
-            k.aggr("ag"),
-            k.ready("ag"),
-            k.aggregations,
-            k.wake,
+            k.job(job_id),
+            k.ev(job_id),
+            k.jobs(shard),
+            k.events(shard),
+            k.aggr(shard, "ag"),
+            k.ready(shard, "ag"),
+            k.aggregations(shard),
+            k.wake(shard),
         }
-        assert set(await redis_client.keys("*")) == expected
+        written = set(await redis_client.keys("*"))
+        assert written == expected | {k.directory("ag")}
+        assert len({key_slot(key.encode()) for key in expected}) == 1
     finally:
         await storage.close()
 
@@ -66,24 +82,25 @@ async def test_a_stale_claim_of_the_same_owner_cannot_record(make_config: Any) -
     claim's outcome is refused and the second one's accepted."""
     storage = await new_storage(make_config)
     try:
-        await storage.enqueue("Job2", fields())
-        first = (await storage.claim("s", "proc-A", 50, 1)).jobs[0]
+        job_id = await submit(storage)
+        shard = shard_of(job_id)
+        first = (await storage.claim(shard, "s", "proc-A", 50, 1)).jobs[0]
         await asyncio.sleep(0.1)  # let the 50 ms lease lapse
-        assert await storage.requeue_expired() == 1
-        second = (await storage.claim("s", "proc-A", 10_000, 1)).jobs[0]
+        assert await storage.requeue_expired(shard) == 1
+        second = (await storage.claim(shard, "s", "proc-A", 10_000, 1)).jobs[0]
         assert first.lease != second.lease
-        assert await storage.renew(10_000, {"Job2": first.lease}) == ["Job2"]
+        assert await storage.renew(10_000, {job_id: first.lease}) == [job_id]
         refused = await storage.finish(
-            "Job2",
+            job_id,
             first.lease,
             DownloadOutcome.FAILED,
             {"attempt": 1, "response_code": 0, "error": "x"},
         )
         assert not refused.recorded
         assert (
-            await storage.finish("Job2", second.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED)
+            await storage.finish(job_id, second.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED)
         ).recorded
-        job = await storage.get_job("Job2")
+        job = await storage.get_job(job_id)
         assert job.download_state is DownloadState.SUCCESS
     finally:
         await storage.close()
@@ -95,12 +112,12 @@ async def test_claims_respect_the_limit_and_the_registry_tracks_waiting_jobs(
     """A claim never exceeds aggr_limit; the registry's size is the number of jobs waiting."""
     storage = await new_storage(make_config)
     try:
-        for i in range(5):
-            await storage.enqueue(f"Lim{i}", fields("lim", limit=2))
-        claim = await storage.claim("lim", "p", 10_000, 10)
+        ids = [await submit(storage, "lim", 2) for _ in range(5)]
+        shard = shard_of(ids[0])
+        claim = await storage.claim(shard, "lim", "p", 10_000, 10)
         assert len(claim.jobs) == 2 and claim.free_slots == 0 and claim.ready_left == 3
-        assert await storage.pending_aggregations() == [("lim", 3)]
-        assert (await storage.claim("lim", "q", 10_000, 10)).jobs == []
+        assert await storage.pending_aggregations() == [("lim", 3, shard)]
+        assert (await storage.claim(shard, "lim", "q", 10_000, 10)).jobs == []
     finally:
         await storage.close()
 
@@ -109,13 +126,14 @@ async def test_release_hands_back_only_jobs_still_held(make_config: Any, tmp_pat
     """release() requeues the jobs whose lease the caller still holds, first in line."""
     storage = await new_storage(make_config)
     try:
-        for i in range(3):
-            await storage.enqueue(f"Rel{i}", fields("rel", limit=3))
-        jobs = (await storage.claim("rel", "p", 10_000, 3)).jobs
+        ids = [await submit(storage, "rel", 3) for _ in range(3)]
+        shard = shard_of(ids[0])
+        jobs = (await storage.claim(shard, "rel", "p", 10_000, 3)).jobs
         leases = {j.id: j.lease for j in jobs}
-        leases["Rel2"] = "someone-else/0-0"
+        leases[ids[2]] = "someone-else/0-0"
         assert await storage.release(leases) == 2
-        assert await storage.r.lrange(storage.keys.ready("rel"), 0, -1) == ["Rel1", "Rel0"]
+        ready = storage.keys.ready(shard, "rel")
+        assert await storage.r.lrange(ready, 0, -1) == [ids[1], ids[0]]
     finally:
         await storage.close()
 
@@ -126,25 +144,25 @@ async def test_finish_hands_the_slot_to_the_next_job_without_a_wake(make_config:
     taken). With nothing left to take, the slot frees and the wake is written as before."""
     storage = await new_storage(make_config)
     try:
-        for i in range(3):
-            await storage.enqueue(f"Hand{i}", fields("hand", limit=1))
-        [first] = (await storage.claim("hand", "p", 10_000, 5)).jobs
-        wakes = await storage.r.xlen(storage.keys.wake)
+        ids = [await submit(storage, "hand", 1) for _ in range(3)]
+        shard, k = shard_of(ids[0]), storage.keys
+        [first] = (await storage.claim(shard, "hand", "p", 10_000, 5)).jobs
+        wakes = await storage.r.xlen(k.wake(shard))
 
         done = await storage.finish(
-            "Hand0", first.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED, 0, "p", 10_000
+            ids[0], first.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED, 0, "p", 10_000
         )
         assert done.recorded and done.next_job is not None
         nxt = done.next_job
-        assert nxt.id == "Hand1" and nxt.lease.startswith("p/") and nxt.url
-        assert await storage.r.smembers(storage.keys.inflight("hand")) == {"Hand1"}
-        assert await storage.r.xlen(storage.keys.wake) == wakes
-        assert (await storage.get_job("Hand1")).download_state == "InProgress"
-        assert await storage.pending_aggregations() == [("hand", 1)]
+        assert nxt.id == ids[1] and nxt.lease.startswith("p/") and nxt.url
+        assert await storage.r.smembers(k.inflight(shard, "hand")) == {ids[1]}
+        assert await storage.r.xlen(k.wake(shard)) == wakes
+        assert (await storage.get_job(ids[1])).download_state == "InProgress"
+        assert await storage.pending_aggregations() == [("hand", 1, shard)]
 
         # a retry hands on too, and the retried job waits in the retry set
         again = await storage.finish(
-            "Hand1",
+            ids[1],
             nxt.lease,
             DownloadOutcome.RETRY,
             {"attempt": 1, "response_code": 500, "error": "x"},
@@ -152,28 +170,82 @@ async def test_finish_hands_the_slot_to_the_next_job_without_a_wake(make_config:
             "p",
             10_000,
         )
-        assert again.next_job is not None and again.next_job.id == "Hand2"
+        assert again.next_job is not None and again.next_job.id == ids[2]
         assert await storage.pending_aggregations() == []
 
         last = await storage.finish(
-            "Hand2", again.next_job.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED, 0, "p", 10_000
+            ids[2], again.next_job.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED, 0, "p", 10_000
         )
         assert last.recorded and last.next_job is None
-        assert await storage.r.scard(storage.keys.inflight("hand")) == 0
-        assert await storage.r.xlen(storage.keys.wake) == wakes + 1
+        assert await storage.r.scard(k.inflight(shard, "hand")) == 0
+        assert await storage.r.xlen(k.wake(shard)) == wakes + 1
     finally:
         await storage.close()
 
 
 async def test_finish_without_next_owner_frees_the_slot(make_config: Any) -> None:
+    """Without next_owner the freed slot goes back to the queue's turn (a wake)."""
     storage = await new_storage(make_config)
     try:
-        for i in range(2):
-            await storage.enqueue(f"Free{i}", fields("free", limit=1))
-        [first] = (await storage.claim("free", "p", 10_000, 5)).jobs
-        done = await storage.finish("Free0", first.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED)
+        ids = [await submit(storage, "free", 1) for _ in range(2)]
+        shard = shard_of(ids[0])
+        [first] = (await storage.claim(shard, "free", "p", 10_000, 5)).jobs
+        done = await storage.finish(ids[0], first.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED)
         assert done.recorded and done.next_job is None
-        assert await storage.r.scard(storage.keys.inflight("free")) == 0
-        assert await storage.pending_aggregations() == [("free", 1)]
+        assert await storage.r.scard(storage.keys.inflight(shard, "free")) == 0
+        assert await storage.pending_aggregations() == [("free", 1, shard)]
+    finally:
+        await storage.close()
+
+
+async def test_a_settled_job_is_packed_into_one_key_and_still_reads_the_same(
+    make_config: Any, redis_client: StrRedis
+) -> None:
+    """Once its callback failed for good (settled), a job's projection and event list become
+    one string expiring after the retention period; GET-style reads give the same projection
+    (folded from the events) and the same events; a /retry brings it back to life."""
+    storage = await new_storage(make_config)
+    try:
+        job_id = await submit(storage, "pk")
+        shard, k = shard_of(job_id), storage.keys
+        [claimed] = (await storage.claim(shard, "pk", "p", 10_000, 1)).jobs
+        failed = {"attempt": 1, "response_code": 404, "error": "Received status code 404"}
+        await storage.finish(job_id, claimed.lease, DownloadOutcome.FAILED, failed)
+        job = await storage.callback_begin(job_id)
+        assert job is not None
+        live = await storage.get_job(job_id)
+        live_events = [e.as_json() for e in await storage.get_events(job_id)]
+        end = {"attempt": 1, "delivery_error": "gone"}
+        assert await storage.callback_end(job_id, CallbackOutcome.FAILED, end, "", 0)
+
+        assert await redis_client.exists(k.job(job_id), k.ev(job_id)) == 0
+        assert await redis_client.type(k.done(job_id)) == "string"
+        assert 0 < await redis_client.pttl(k.done(job_id)) <= storage.retention_ms
+        packed = await storage.get_job(job_id)
+        assert packed.callback_state == "Failed" and packed.delivery_error == "gone"
+        assert (packed.id, packed.url, packed.created_at) == (live.id, live.url, live.created_at)
+        events = [e.as_json() for e in await storage.get_events(job_id)]
+        assert events[: len(live_events)] == live_events
+        assert [e["type"] for e in events][-2:] == ["callback.attempted", "callback.failed"]
+
+        await storage.requeue_callback(job_id)
+        assert await redis_client.exists(k.done(job_id)) == 0
+        revived = await storage.get_job(job_id)
+        assert revived.callback_state == "Pending" and revived.file_state is FileState.NONE
+        assert [e.as_json() for e in await storage.get_events(job_id)][: len(events)] == events
+    finally:
+        await storage.close()
+
+
+async def test_new_aggregations_go_where_the_fewest_are(make_config: Any) -> None:
+    """A new aggregation is placed on a shard with the fewest live aggregations, and stays
+    there (remembered in the directory): 32 aggregations over 16 shards, two each."""
+    storage = await new_storage(make_config)
+    try:
+        placed = {}
+        for i in range(32):
+            placed[f"p{i}"] = shard_of(await submit(storage, f"p{i}"))
+        assert sorted(Counter(placed.values()).values()) == [2] * 16
+        assert all([await storage.shard_for(a) == s for a, s in placed.items()])
     finally:
         await storage.close()

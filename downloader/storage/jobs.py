@@ -200,7 +200,7 @@ class JobStore(StorageBase):
             raise JobNotFound(job_id)
         return [parse_line(line, job_id) for line in lines]
 
-    async def job_ids(self, shard: int, batch: int = 1000) -> list[str]:
+    async def job_ids(self, shard: int) -> list[str]:
         """Every job of a shard still in its index (for `rebuild` and listings)."""
         return [str(j) for j in await self.r.zrange(self.keys.jobs(shard), 0, -1)]
 

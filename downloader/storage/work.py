@@ -245,8 +245,8 @@ class WorkStore(StorageBase):
 
     async def trim(self, shard: int, window_ms: int, now_ms: int) -> tuple[int, int]:
         """Keep the shard's event stream to the last `window_ms` and its job index to the jobs
-        that can still exist (retention): (stream entries, index entries) removed."""
-        oldest_kept = now_ms - self.retention_ms - 3_600_000
+        that still exist: (stream entries, index entries) removed."""
+        oldest_kept = now_ms - self.retention_ms
         trimmed, removed = await self._run(
             "trim",
             shard,
