@@ -175,8 +175,8 @@ async def test_original_sample_with_a_sentinel_list_runs_a_job_end_to_end(
     async with running(run):
         job_id = await one_job_end_to_end(run, files, receiver)
     async with sentinels.master.client() as master:
-        # settled, so packed into its done key, on that master
-        assert await master.exists(Keys("dl").done(job_id)) == 1
+        keys = Keys("dl")  # its projection, or its packed copy once settled
+        assert await master.exists(keys.job(job_id), keys.done(job_id)) == 1
     assert_warned_once_each(run.log())
 
 

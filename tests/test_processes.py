@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from downloader.config import Config
+from downloader.ids import shard_of
 from downloader.storage import Keys, Storage
 from harness.events import EventTail
 from harness.redis_nodes import StrRedis
@@ -259,7 +260,7 @@ async def test_sigkilled_processor_loses_no_job(
     ids = [await submit(http, api, **job(origin, "kill", f"k{i}", cb_url)) for i in range(4)]
     await origin.wait_requests(lambda seen: len(seen) == 4)
     tmp_dir = Path(config.processor.storage_dir) / ".tmp"
-    owners = await redis_client.hmget(keys.lease_owners, ids)
+    owners = await redis_client.hmget(keys.lease_owners(shard_of(ids[0])), ids)
     assert all(owned_by(first, o) for o in owners), owners
 
     first.kill()  # mid-body: the origin sent 100 bytes of each and stalls
@@ -312,7 +313,7 @@ async def test_sigterm_hands_a_stuck_download_back_at_once(
 
     job_id = await submit(http, api, **job(origin, "term", "t1", receiver.url("/cb")))
     await origin.wait_requests(lambda seen: sum(seen.values()) == 1)
-    owner = await redis_client.hget(keys.lease_owners, job_id)
+    owner = await redis_client.hget(keys.lease_owners(shard_of(job_id)), job_id)
     [holder] = [p for p in procs if owned_by(p, owner)]
 
     sent_ms = time.time() * 1000
@@ -360,7 +361,7 @@ async def test_draining_processor_keeps_its_leases_through_the_grace(
 
     job_id = await submit(http, api, **job(origin, "drain", "d1", receiver.url("/cb")))
     await origin.wait_requests(lambda seen: sum(seen.values()) == 1)
-    owner = await redis_client.hget(keys.lease_owners, job_id)
+    owner = await redis_client.hget(keys.lease_owners(shard_of(job_id)), job_id)
     [holder] = [p for p in procs if owned_by(p, owner)]
     stopping = asyncio.create_task(asyncio.to_thread(holder.terminate, 10))
 

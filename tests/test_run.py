@@ -328,7 +328,8 @@ async def test_quick_start_demo_works_as_pasted(
     and the demo directory changed), download the file, call back and show the finished job."""
     helpers, submit, look = BLOCKS[1:4]
     api, origin, receiver = free_port(), free_port(), free_port()
-    path, _ = make_config()
+    # the file kept its default hour: the tests' 0.3 s could delete it before the last look
+    path, _ = make_config({"notifier": {"deletion_interval": 60}})
     proc = spawn("run", path, api)
     await wait_http(f"http://127.0.0.1:{api}/hb")
     script = "\n".join(

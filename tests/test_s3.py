@@ -163,7 +163,7 @@ async def test_job_with_bucket_and_callback_is_uploaded_and_called_back(
     assert_nothing_local(svc, job_id)
     # S3 objects are never reaped: nothing is scheduled, and the job is settled (it expires)
     assert await redis_client.zscore(svc.storage.keys.reap(shard_of(job_id)), job_id) is None
-    assert await redis_client.pttl(svc.storage.keys.job(job_id)) > 0
+    assert await redis_client.pttl(svc.storage.keys.done(job_id)) > 0
 
 
 async def test_job_with_bucket_and_no_callback_is_uploaded_without_any_callback(
@@ -311,7 +311,7 @@ async def test_upload_after_a_crash_goes_again_to_the_same_key(
     job_id = await api.submit(**s3_job(files.add("/c.txt", data), bucket))
     key = f"{PREFIX}{job_id}"
     # the processor that dies: it claims the job, uploads, and records nothing
-    claim = await api.storage.claim("s3", "dead-processor", 1000, 1)
+    claim = await api.storage.claim(shard_of(job_id), "s3", "dead-processor", 1000, 1)
     assert [j.id for j in claim.jobs] == [job_id]
     await asyncio.to_thread(
         moto.client().put_object, Bucket=bucket, Key=key, Body=b"the dead one's upload"

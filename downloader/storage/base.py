@@ -15,8 +15,8 @@ from typing import Any, ParamSpec, TypeVar
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterError, RedisError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from downloader.autopipeline import AutoPipeline
@@ -54,6 +54,16 @@ SCRIPTS = (
 )
 
 
+OUTAGES = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterError,  # a cluster failing over: CLUSTERDOWN, a redirection that found no end
+    TryAgainError,  # a multi-key command on a slot that is moving
+    SlotNotCoveredError,
+)
+"""What Redis answers while it (or the part of a cluster holding a key) is not there."""
+
+
 def _outage_is_unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Redis connection errors and timeouts leave storage as StorageUnavailable, and nothing
     else does: callers tell an outage from a bug (or a disk error) by type."""
@@ -62,7 +72,7 @@ def _outage_is_unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Awa
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except OUTAGES as exc:
             raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
 
     return call
@@ -76,6 +86,7 @@ def guarded(cls: type[T]) -> type[T]:
     return cls
 
 
+@guarded
 class StorageBase:
     """The client, the scripts and the shards. A script runs on one shard: its KEYS[1] is that
     shard's event stream, which routes it (on a cluster) and names every other key it builds."""
