@@ -3,7 +3,8 @@
 Runs each Lua transition of a job's life `--jobs` times, one after another, against a private
 redis-server (the embedded one, AOF on as `make run` has it) and reads Redis's own
 `INFO commandstats` (usec_per_call of EVALSHA) after each: enqueue, claim (one job), finish
-(succeeded), callback_begin, callback_end (delivered). `--no-aof` turns the AOF off first, to
+(succeeded), callback_begin, callback_end (delivered), file_deleted (the reaper's record,
+which settles the job). `--no-aof` turns the AOF off first, to
 show what durability costs. No service process runs; the numbers are Redis's time only.
 """
 
@@ -84,6 +85,7 @@ async def run(jobs: int = 500, aof: bool = True) -> dict[str, Any]:
                     claimed[i].id, CallbackOutcome.DELIVERED, {"attempt": 1}, "0-1", 0
                 ),
             ),
+            ("file_deleted", lambda i: storage.reap_done(claimed[i].id)),  # settles the job
         ]
         usec: dict[str, float] = {}
         for name, step in steps:

@@ -4,7 +4,9 @@ on the configured schedule, and takes over what a gone notifier left unsettled (
 Each notifier is a consumer of the group named by its instance id and keeps a liveness key
 (heartbeat.Liveness). Every `heartbeat_ms` each one takes over the pending entries of consumers
 whose key is missing (callback_takeover.lua); the entries of a live notifier, however slow its
-receivers, are never taken."""
+receivers, are never taken. Every `dead_after_ms` each one also looks through its own pending
+entries and delivers again those no delivery holds: a settling write lost with a failed-over
+master leaves its entry pending with a live notifier, and nobody else would take it."""
 
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class Notifier:
         self._inflight: dict[str, asyncio.Task[None]] = {}  # stream entry id -> delivery
         self._held: set[str] = set()  # entry ids read or taken over, not yet settled or given up
         self._orphaned = False  # a delivery ended without settling its entry (Redis error)
+        self._swept_at = time.monotonic()  # own pending entries last looked through
         self._timer_kick = asyncio.Event()
         self._stopping = False
         self.liveness = Liveness(
@@ -170,6 +173,8 @@ class Notifier:
         """Every heartbeat: take over the entries of gone notifiers (as many as there is room
         for), and deliver again our own entries that a Redis error left unsettled."""
         await asyncio.sleep(self.cfg.heartbeat_ms / 1000)
+        if time.monotonic() - self._swept_at >= self.cfg.dead_after_ms / 1000:
+            self._orphaned = True
         if self._orphaned:
             await self._adopt_orphans()
         if not self.liveness.may_judge_others():
@@ -186,8 +191,10 @@ class Notifier:
                 await self._spawn(gone.shard, entry_id, job_id)
 
     async def _adopt_orphans(self) -> None:
-        """Spawn a delivery for each entry of ours that no delivery holds."""
+        """Spawn a delivery for each entry of ours that no delivery holds (callback_begin skips
+        one settled meanwhile)."""
         self._orphaned = False
+        self._swept_at = time.monotonic()
         try:
             for shard in self.storage.all_shards:
                 after = "0-0"
@@ -249,7 +256,7 @@ class Notifier:
             )
 
     async def _attempt(self, shard: int, entry_id: str, job_id: str) -> None:
-        job = await self.storage.callback_begin(job_id)
+        job = await self.storage.callback_begin(job_id, entry_id, self.consumer)
         if job is None:
             await self.storage.callback_skip(shard, entry_id)
             return

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from downloader.cli import make_notifier
 from downloader.config import Config
 from downloader.embedded import EmbeddedRedis
 from downloader.ids import new_job_id, shard_of
@@ -41,10 +42,10 @@ async def new_storage(make_config: MakeConfig) -> Storage:
     return Storage(connect(config), config)
 
 
-async def job_awaiting_callback(storage: Storage) -> str:
+async def job_awaiting_callback(storage: Storage, callback_url: str = "http://c/") -> str:
     """A job whose download succeeded: its callback entry is on its shard's callbacks stream."""
     req = parse_download_request(
-        {"aggr_id": "r", "aggr_limit": 5, "url": "http://o.test/x", "callback_url": "http://c/"}
+        {"aggr_id": "r", "aggr_limit": 5, "url": "http://o.test/x", "callback_url": callback_url}
     )
     job_id = new_job_id(await storage.shard_for("r"))
     await storage.enqueue(job_id, req.job_fields(2))
@@ -164,6 +165,7 @@ async def test_a_stale_attempt_records_nothing_and_leaves_the_entry_to_the_taker
         assert first is not None
         [takeover] = await storage.take_over_callbacks("taker", 10)
         assert takeover.entries == [(entry, stale)]
+        assert await storage.callback_begin(stale, entry, "slow") is None  # no longer its entry
         second = await storage.callback_begin(stale)
         assert second is not None
         assert (first.callback_attempts, second.callback_attempts) == (1, 2)
@@ -187,6 +189,32 @@ async def test_a_stale_attempt_records_nothing_and_leaves_the_entry_to_the_taker
         types = [t for t, _d in await callback_events(storage, stale)]
         assert types == ["callback.attempted", "callback.attempted", "callback.delivered"]
     finally:
+        await storage.close()
+
+
+async def test_an_entry_left_pending_with_a_live_notifier_is_delivered_by_it(
+    make_config: MakeConfig, receiver: CallbackReceiver
+) -> None:
+    """An entry pending with a running notifier that holds no delivery of it (the write that
+    settled it was lost with a failed-over master) is delivered by that notifier when it next
+    looks through its own entries (every dead_after_ms): nobody else would take it over."""
+    _path, config = make_config({"notifier": {"heartbeat_ms": 50, "dead_after_ms": 300}})
+    storage = Storage(connect(config), config)
+    stop = asyncio.Event()
+    task: asyncio.Task[None] | None = None
+    try:
+        job_id = await job_awaiting_callback(storage, receiver.url("/cb"))
+        await storage.ensure_callback_groups()
+        [_entry] = await storage.read_callbacks([shard_of(job_id)], "keeper", 10, 100)
+        task = asyncio.create_task(make_notifier(config, storage, "keeper").run(stop))
+        [payload] = await receiver.wait_for(job_id, timeout=10)
+        assert payload["success"] is True
+        await until_async(lambda: all_settled(storage, [job_id]), timeout_s=10)
+        assert await consumers(storage.r, storage.keys, shard_of(job_id)) == {"keeper": 0}
+    finally:
+        stop.set()
+        if task is not None:
+            await task
         await storage.close()
 
 

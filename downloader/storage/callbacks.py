@@ -98,13 +98,19 @@ class CallbackStore(StorageBase):
                 count -= len(entries)
         return out
 
-    async def callback_begin(self, job_id: str) -> CallbackJob | None:
+    async def callback_begin(
+        self, job_id: str, entry_id: str = "", consumer: str = ""
+    ) -> CallbackJob | None:
         """Start a delivery attempt: what the callback needs, or None if there is nothing to
-        deliver (the job is gone, or its callback already ended: a duplicate entry)."""
+        deliver (the job is gone, its callback already ended: a duplicate entry, or the stream
+        entry `entry_id`, when given, is no longer pending with `consumer`)."""
         res = await self._run(
             "callback_begin",
             shard_of(job_id),
             job_id,
+            entry_id,
+            CALLBACK_GROUP,
+            consumer,
             *CallbackJob.FIELDS,
             keys=[self.keys.job(job_id)],
         )
