@@ -402,13 +402,15 @@ class ClusterGroup:
             raise ValueError(f"{member.name} is running")
         member.start()
 
+        other = next(m for m in self.members if m.alive and m is not member)
+
         async def rejoined() -> str | None:
-            async with member.admin() as r:
-                info = await r.info("replication")
-            serving = (await self._views(member))[member.id].slots
-            replicating = info.get("role") == "slave" and info.get("master_link_status") == "up"
-            if not (serving or replicating):
-                return f"{member.name} neither serves slots nor replicates from a master yet"
+            # its own nodes.conf may still give it slots: ask another node what it serves
+            if not (await self._views(other))[member.id].slots:
+                async with member.admin() as r:
+                    info = await r.info("replication")
+                if info.get("role") != "slave" or info.get("master_link_status") != "up":
+                    return f"{member.name} is not replicating from a master yet"
             return await self._agreed()
 
         await self._until(rejoined, timeout_s, f"{member.name} did not rejoin the cluster")
