@@ -401,7 +401,6 @@ class ClusterGroup:
         if member.alive:
             raise ValueError(f"{member.name} is running")
         member.start()
-
         other = next(m for m in self.members if m.alive and m is not member)
 
         async def rejoined() -> str | None:
