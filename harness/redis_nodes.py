@@ -32,9 +32,9 @@ MASTER_NAME = "mymaster"
 class Node:
     """One redis-server (or sentinel) process on 127.0.0.1, its files in its own directory."""
 
-    def __init__(self, name: str, workdir: Path) -> None:
+    def __init__(self, name: str, workdir: Path, port: int | None = None) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.dir = workdir / name
         self.dir.mkdir(parents=True)
         self.args: list[str] = []

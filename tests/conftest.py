@@ -30,6 +30,7 @@ from downloader.ids import shard_of
 from downloader.notifier import Notifier
 from downloader.processor import Processor
 from downloader.storage import Storage, connect
+from harness.redis_cluster import ClusterGroup
 from harness.redis_nodes import SentinelGroup, StrRedis
 from harness.servers import CallbackReceiver, FileServer, ForwardProxy, free_port, wait_http
 
@@ -342,3 +343,15 @@ async def sentinels(tmp_path: Path) -> AsyncIterator[SentinelGroup]:
         for client in group.clients:
             await client.aclose()
         group.stop()
+
+
+@pytest.fixture
+async def redis_cluster(tmp_path: Path) -> AsyncIterator[ClusterGroup]:
+    """A Redis Cluster of three masters and three replicas formed for the test; request it
+    before `service_factory`, so it is torn down after the service."""
+    cluster = ClusterGroup(tmp_path / "cluster")
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
