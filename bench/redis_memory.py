@@ -81,6 +81,8 @@ KINDS = (
     ("aggregation", re.compile(r"^dl:(aggr:|aggregations)")),
     ("stats, instances", re.compile(r"^dl:(stats|alive):")),
 )
+# kinds taken away one by one to measure their used_memory (the dicts shrink with the last)
+FREE_ORDER = ("global stream", "idempotency", "projection", "job stream")
 HASH_TAG = re.compile(r"\{[^}]*\}")
 MEMORY_FIELDS = (
     "used_memory",
@@ -199,9 +201,16 @@ async def drive(stack: Stack, peers: Peers, count: int, tag: str) -> dict[str, s
     return posted
 
 
+def held(info: dict[str, Any]) -> int:
+    """used_memory less the client buffers and the AOF buffer: what the keys hold, with their
+    dict entries, bucket arrays and expiry entries. (The service's idle clients alone move
+    used_memory by up to ~1 MB as Redis resizes their query buffers.)"""
+    return int(info["used_memory"]) - int(info["mem_clients_normal"]) - int(info["mem_aof_buffer"])
+
+
 async def quiesced_memory(r: StrRedis) -> dict[str, int]:
     """INFO memory once Redis is quiet: no AOF rewrite running, the AOF buffer flushed (every
-    second), the clients idle, the keyspace dicts rehashed. The last of 3 reads 0.5 s apart."""
+    second), the keyspace dicts rehashed. The read with the median `held` of 5, 0.3 s apart."""
     await asyncio.sleep(2.0)
     deadline = time.monotonic() + 120
     while (await r.info("persistence"))["aof_rewrite_in_progress"]:
@@ -209,14 +218,14 @@ async def quiesced_memory(r: StrRedis) -> dict[str, int]:
             raise TimeoutError("the AOF rewrite did not end")
         await asyncio.sleep(0.5)
     reads = []
-    for _ in range(3):
-        await asyncio.sleep(0.5)
+    for _ in range(5):
+        await asyncio.sleep(0.3)
         reads.append(await r.info("memory"))
-    info = reads[-1]
+    reads.sort(key=held)
+    info = reads[len(reads) // 2]
     out = {f: int(info[f]) for f in MEMORY_FIELDS if f in info}
-    out["used_memory_spread"] = max(x["used_memory"] for x in reads) - min(
-        x["used_memory"] for x in reads
-    )
+    out["held"] = held(info)
+    out["held_spread"] = held(reads[-1]) - held(reads[0])
     return out
 
 
@@ -280,11 +289,9 @@ def split_by_kind(
     return out
 
 
-async def restore_job_streams(host: str, port: int) -> dict[str, int]:
-    """DUMP + RESTORE (same TTL) every per-job stream: exact-size listpacks. used_memory
-    before and after (quiesced)."""
-    raw = aioredis.Redis(host=host, port=port)  # DUMP payloads are bytes
-    before = (await quiesced_memory(raw))["used_memory"]
+async def restore_job_streams(raw: Any) -> int:
+    """DUMP + RESTORE (same TTL) every per-job stream, so its listpack is allocated at its exact
+    size; how many."""
     streams = 0
     async for key in raw.scan_iter(match="dl:job:{*}:events", count=1000):
         payload, ttl = await raw.dump(key), await raw.pttl(key)
@@ -292,9 +299,38 @@ async def restore_job_streams(host: str, port: int) -> dict[str, int]:
             continue
         await raw.restore(key, max(ttl, 0), payload, replace=True)
         streams += 1
-    after = (await quiesced_memory(raw))["used_memory"]
+    return streams
+
+
+async def delete_kind(raw: Any, kind: str) -> int:
+    """DEL every key of one kind; how many."""
+    doomed: list[bytes] = [
+        k async for k in raw.scan_iter(count=1000) if kind_of(k.decode()) == kind
+    ]
+    for start in range(0, len(doomed), 1000):
+        await raw.delete(*doomed[start : start + 1000])
+    return len(doomed)
+
+
+async def used_memory_by_kind(host: str, port: int, entries: int) -> dict[str, Any]:
+    """What each kind of key really costs in used_memory, measured by taking it away: first
+    every per-job stream is rewritten at its exact size (the drop is the listpack
+    preallocation), then the kinds are deleted one by one (FREE_ORDER), each drop measured.
+    The hash tables' bucket arrays shrink with the last deleted kind. Destroys the data."""
+    raw = aioredis.Redis(host=host, port=port)  # DUMP payloads are bytes
+    last = (await quiesced_memory(raw))["held"]
+    streams = await restore_job_streams(raw)
+    now = (await quiesced_memory(raw))["held"]
+    out: dict[str, Any] = {"job stream preallocation": {"keys": streams, "freed": last - now}}
+    last = now
+    for kind in FREE_ORDER:
+        keys = await delete_kind(raw, kind)
+        now = (await quiesced_memory(raw))["held"]
+        out[kind] = {"keys": keys, "freed": last - now}
+        last = now
     await raw.aclose()
-    return {"streams": streams, "used_memory_before": before, "used_memory_after": after}
+    out["global stream"]["entries"] = entries
+    return out
 
 
 async def sample_jobs(r: StrRedis, posted: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
@@ -332,13 +368,24 @@ async def measure(executable: str, jobs: int, warmup: int) -> dict[str, Any]:
         posted = await drive(stack, peers, jobs, "m")
         after = await snapshot(r)
         samples = await sample_jobs(r, posted)
-        restored = await restore_job_streams(host, port)
         await r.aclose()
-    grown = after["memory"]["used_memory"] - before["memory"]["used_memory"]
-    kinds = split_by_kind(before["keyspace"], after["keyspace"], jobs)
-    attributed = sum(k["memory_usage_added"] for k in kinds.values())
+        # the service stops first: nothing writes while the kinds are taken away
+        for role in reversed(list(stack.roles.values())):
+            role.stop()
+        freed = await used_memory_by_kind(host, port, after["global_stream_entries"])
     events = after["global_stream_entries"] - before["global_stream_entries"]
-    per_job_keys = ("projection", "job stream")
+    kinds = split_by_kind(before["keyspace"], after["keyspace"], jobs)
+    events_per_job = events / jobs
+    for kind, row in kinds.items():
+        if kind == "global stream":
+            f = freed[kind]
+            row["used_memory_per_job"] = round(f["freed"] / f["entries"] * events_per_job, 1)
+        elif kind in freed:
+            f = freed[kind]
+            extra = freed["job stream preallocation"]["freed"] if kind == "job stream" else 0
+            row["used_memory_per_job"] = round((f["freed"] + extra) / f["keys"], 1)
+    grown = after["memory"]["held"] - before["memory"]["held"]
+    used = after["memory"]["used_memory"] - before["memory"]["used_memory"]
     return {
         "redis_server": executable,
         "redis_version": server["redis_version"],
@@ -346,47 +393,38 @@ async def measure(executable: str, jobs: int, warmup: int) -> dict[str, Any]:
         "jobs": jobs,
         "warmup_jobs": warmup,
         "kinds_of_jobs": dict(Counter(posted.values())),
-        "events_per_job": round(events / jobs, 2),
+        "events_per_job": round(events_per_job, 2),
         "memory_before": before["memory"],
         "memory_after": after["memory"],
         "db0_before": before["db0"],
         "db0_after": after["db0"],
-        "used_memory_per_job": round(grown / jobs, 1),
-        "memory_usage_per_job": round(attributed / jobs, 1),
-        "not_in_memory_usage_per_job": round((grown - attributed) / jobs, 1),
-        "per_job_keys_memory_usage_per_job": round(
-            sum(kinds[k]["memory_usage_added"] for k in per_job_keys) / jobs, 1
+        "bytes_per_job": round(grown / jobs, 1),
+        "used_memory_per_job": round(used / jobs, 1),
+        "memory_usage_per_job": round(
+            sum(k["memory_usage_added"] for k in kinds.values()) / jobs, 1
+        ),
+        "job_stream_preallocation_per_job": round(
+            freed["job stream preallocation"]["freed"] / freed["job stream preallocation"]["keys"],
+            1,
         ),
         "global_stream_bytes_per_entry": round(
-            kinds["global stream"]["memory_usage_added"] / max(1, events), 1
+            freed["global stream"]["freed"] / freed["global stream"]["entries"], 1
         ),
+        "freed_by_kind": freed,
         "by_kind": kinds,
-        "job_streams_restored": {
-            **restored,
-            "saved_per_job": round(
-                (restored["used_memory_before"] - restored["used_memory_after"]) / jobs, 1
-            ),
-        },
         "samples": samples,
     }
 
 
 def sizing(run: dict[str, Any], stream_maxlen: int = 1_000_000) -> dict[str, Any]:
-    """GB of Redis (10^9 bytes) by jobs/day and retention: what a job keeps for the retention
-    window (used_memory per job less the MEMORY USAGE of every kind of key but its projection
-    and its stream: so its expiry entry, its share of the dict buckets and the allocator's
-    rounding stay in), the idempotency keys of a day of jobs (api.idempotency_window_seconds,
-    when clients send one), and the global stream up to its cap. Capped streams (wake) and
-    stats are a fixed few MB, left out."""
+    """GB of Redis (10^9 bytes) by jobs/day and retention: a job's projection and stream (with
+    their dict and expiry entries) for every job of the retention window, the idempotency keys
+    of a day of jobs (api.idempotency_window_seconds, when clients send one), and the global
+    stream up to its cap (events.stream_maxlen). Capped streams (wake) and stats are a fixed
+    few MB, left out."""
     kinds = run["by_kind"]
-    jobs = run["jobs"]
-    others = sum(
-        k["memory_usage_added"]
-        for name, k in kinds.items()
-        if name not in ("projection", "job stream")
-    )
-    per_job = run["used_memory_per_job"] - others / jobs
-    idem = kinds["idempotency"]["memory_usage_added"] / jobs
+    per_job = sum(kinds[k]["used_memory_per_job"] for k in ("projection", "job stream"))
+    idem = kinds["idempotency"]["used_memory_per_job"]
     stream_entry = run["global_stream_bytes_per_entry"]
     rows = []
     for per_day in (100_000, 1_000_000, 10_000_000):
@@ -410,24 +448,30 @@ def report(run: dict[str, Any]) -> str:
     lines = [
         f"redis {run['redis_version']} ({run['mem_allocator']}): {run['jobs']} settled jobs "
         f"{run['kinds_of_jobs']}, {run['events_per_job']} events per job",
-        f"  used_memory {m0['used_memory'] / 2**20:.1f} -> {m1['used_memory'] / 2**20:.1f} MiB: "
-        f"**{run['used_memory_per_job']:.0f} bytes per settled job**; "
-        f"MEMORY USAGE sums {run['memory_usage_per_job']:.0f}, the rest "
-        f"({run['not_in_memory_usage_per_job']:.0f}) is expiry entries, dict buckets, allocator",
-        f"  {'kind':28s} {'keys':>8s} {'MEMORY USAGE':>14s} {'bytes/job':>10s}  encodings",
+        f"  used_memory less client/AOF buffers {m0['held'] / 2**20:.1f} -> "
+        f"{m1['held'] / 2**20:.1f} MiB: **{run['bytes_per_job']:.0f} bytes per settled job** "
+        f"(used_memory itself: {run['used_memory_per_job']:.0f}; sum of MEMORY USAGE, an "
+        f"estimate for streams: {run['memory_usage_per_job']:.0f})",
+        f"  {'kind':20s} {'keys':>7s} {'MEMORY USAGE':>13s} {'B/job':>7s} "
+        f"{'used_memory B/job':>18s}  encodings",
     ]
     for kind, k in run["by_kind"].items():
         if k["keys"] == 0 and k["memory_usage_added"] == 0:
             continue
         enc = ", ".join(f"{e} {n}" for e, n in sorted(k["encodings"].items()))
+        used = f"{k['used_memory_per_job']:18.0f}" if "used_memory_per_job" in k else " " * 18
         lines.append(
-            f"  {kind:28s} {k['keys']:8d} {k['memory_usage']:14,d} {k['bytes_per_job']:10.1f}  "
-            f"{enc}"
+            f"  {kind:20s} {k['keys']:7d} {k['memory_usage']:13,d} {k['bytes_per_job']:7.0f} "
+            f"{used}  {enc}"
         )
-    rs = run["job_streams_restored"]
+    attributed = sum(k.get("used_memory_per_job", 0) for k in run["by_kind"].values())
     lines.append(
-        f"  per-job streams DUMP+RESTOREd to exact size: used_memory -{rs['saved_per_job']:.0f} "
-        "bytes per job (listpack preallocation)"
+        f"  {'rest':20s} {'':7s} {'':13s} {'':7s} {run['bytes_per_job'] - attributed:18.0f}  "
+        "(capped streams, stats, what was not freed with a kind)"
+    )
+    lines.append(
+        f"  of the job stream, listpack preallocation (gone after DUMP+RESTORE): "
+        f"{run['job_stream_preallocation_per_job']:.0f} bytes"
     )
     size = run["sizing"]
     lines.append(
