@@ -50,6 +50,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS_DIR, Peers, Stack, git_commit, save_json
 from experiments import event_encodings
 
+from downloader.config import RedisConfig
 from downloader.embedded import find_redis_server
+from downloader.storage import Keys
 from harness.redis_nodes import StrRedis
 
 JOBS = 10_000
@@ -80,14 +83,25 @@ PATCH: dict[str, Any] = {
     "processor": {"retry_backoff_seconds": 0.2, "max_retries": 1},
 }
 
-# key kinds, in report order: (kind, pattern over the name with every {hash tag} as {*})
+KEYS = Keys(RedisConfig().key_prefix)  # the bench stacks keep the default prefix
+# key kinds, in report order: (kind, fnmatch patterns over the key name with every {hash tag}
+# written {*}); any other key is its own kind
 KINDS = (
-    ("projection", re.compile(r"^dl:job:\{\*\}$")),
-    ("job stream", re.compile(r"^dl:job:\{\*\}:events$")),
-    ("global stream", re.compile(r"^dl:events$")),
-    ("idempotency", re.compile(r"^dl:idem:")),
-    ("aggregation", re.compile(r"^dl:(aggr:|aggregations)")),
-    ("stats, instances", re.compile(r"^dl:(stats|alive):")),
+    ("projection", (KEYS.job("*"),)),
+    ("job stream", (KEYS.job_events("*"),)),
+    ("global stream", (KEYS.events,)),
+    ("idempotency", (KEYS.idempotency("*"),)),
+    (
+        "aggregation",
+        (
+            KEYS.aggr("*"),
+            KEYS.ready("*"),
+            KEYS.inflight("*"),
+            KEYS.aggregations,
+            KEYS.tenant_aggregations("*"),
+        ),
+    ),
+    ("stats, instances", (KEYS.stats("*", "*"), KEYS.alive("*", "*"))),
 )
 # kinds taken away one by one to measure their used_memory (the dicts shrink with the last)
 FREE_ORDER = ("global stream", "idempotency", "projection", "job stream")
@@ -105,10 +119,10 @@ MEMORY_FIELDS = (
 
 
 def kind_of(key: str) -> str:
-    """The kind of a key (KINDS), or its name with hash tags and instance names elided."""
+    """The kind of a key (KINDS), or its name with hash tags elided."""
     name = HASH_TAG.sub("{*}", key)
-    for kind, pattern in KINDS:
-        if pattern.match(name):
+    for kind, patterns in KINDS:
+        if any(fnmatchcase(name, p) for p in patterns):
             return kind
     return name
 
@@ -275,7 +289,7 @@ async def snapshot(r: StrRedis) -> dict[str, Any]:
         "memory": memory,
         "keyspace": await keyspace(r),
         "db0": keys.get("db0", {}),
-        "global_stream_entries": await r.xlen("dl:events"),
+        "global_stream_entries": await r.xlen(KEYS.events),
     }
 
 
@@ -303,7 +317,7 @@ async def restore_job_streams(raw: Any) -> int:
     """DUMP + RESTORE (same TTL) every per-job stream, so its listpack is allocated at its exact
     size; how many."""
     streams = 0
-    async for key in raw.scan_iter(match="dl:job:{*}:events", count=1000):
+    async for key in raw.scan_iter(match=KEYS.job_events_pattern(), count=1000):
         payload, ttl = await raw.dump(key), await raw.pttl(key)
         if payload is None or ttl == -2:
             continue
@@ -351,12 +365,12 @@ async def sample_jobs(r: StrRedis, posted: dict[str, str]) -> dict[str, list[dic
         rows = out.setdefault(kind, [])
         if len(rows) >= SAMPLES_PER_KIND:
             continue
-        events = await r.xrange(f"dl:job:{{{job_id}}}:events")
-        copies = [(await r.xrange("dl:events", eid, eid)) for eid, _f in events]
+        events = await r.xrange(KEYS.job_events(job_id))
+        copies = [(await r.xrange(KEYS.events, eid, eid)) for eid, _f in events]
         rows.append(
             {
                 "job_id": job_id,
-                "projection": await r.hgetall(f"dl:job:{{{job_id}}}"),
+                "projection": await r.hgetall(KEYS.job(job_id)),
                 "events": [[eid, fields] for eid, fields in events],
                 "global": [[c[0][0], c[0][1]] for c in copies if c],
             }

@@ -47,7 +47,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: the repository for harness/downloader
     sys.path.insert(0, str(ROOT))
 
+from downloader.config import RedisConfig  # noqa: E402
 from downloader.embedded import find_redis_server  # noqa: E402
+from downloader.storage import Keys  # noqa: E402
 from harness.redis_nodes import StrRedis  # noqa: E402
 from harness.servers import free_port  # noqa: E402
 
@@ -146,12 +148,16 @@ class Job:
         return Job(self.id, {**self.projection, "url": longer}, events)
 
 
+KEYS = Keys(RedisConfig().key_prefix)
+
+
 def job_key(job: Job) -> str:
-    return f"dl:job:{{{job.id}}}"
+    return KEYS.job(job.id)
 
 
 def events_key(job: Job) -> str:
-    return f"dl:job:{{{job.id}}}:events"
+    """Where the job's events are, whatever their encoding."""
+    return KEYS.job_events(job.id)
 
 
 # -- the encodings -----------------------------------------------------------------------------
@@ -234,12 +240,12 @@ def write_msgpack(pipe: Any, job: Job) -> None:
 def write_global_copy(pipe: Any, job: Job) -> None:
     for _eid, f in job.events:
         fields = {"type": f["type"], "job_id": job.id, "ts": f["ts"], "v": f["v"]}
-        pipe.xadd("dl:events", {**fields, "data": f["data"]})
+        pipe.xadd(KEYS.events, {**fields, "data": f["data"]})
 
 
 def write_global_reference(pipe: Any, job: Job) -> None:
     for _eid, f in job.events:
-        pipe.xadd("dl:events", {"job_id": job.id, "type": f["type"]})
+        pipe.xadd(KEYS.events, {"job_id": job.id, "type": f["type"]})
 
 
 def both(*writers: Writer) -> Writer:
