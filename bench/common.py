@@ -38,7 +38,7 @@ SMALL_BODY_BYTES = 10 * 1024
 if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ first; the service is in ROOT
     sys.path.insert(0, str(ROOT))
 
-from downloader.embedded import EmbeddedRedis  # noqa: E402
+from downloader.embedded import EmbeddedRedis, find_redis_server  # noqa: E402
 from harness.servers import free_port  # noqa: E402
 
 
@@ -143,6 +143,25 @@ class RssSampler:
         return max(self.samples)
 
 
+class BenchRedis(EmbeddedRedis):
+    """The embedded redis-server (AOF on, as `make run` has it), from `executable` if given
+    (e.g. another Redis version) instead of the one `find_redis_server` picks."""
+
+    def __init__(self, data_dir: Path, host: str, port: int, executable: str | None = None) -> None:
+        super().__init__(data_dir, host, port)
+        self.executable = executable or find_redis_server()
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        args = [
+            *("--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir)),
+            *("--appendonly", "yes", "--appendfsync", "everysec", "--save", ""),
+            *("--protected-mode", "no"),
+        ]
+        return subprocess.Popen(
+            [self.executable, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 # -- configuration -------------------------------------------------------------------------------
 
 
@@ -238,10 +257,15 @@ class Stack:
     """A private redis-server + the service in one of TOPOLOGIES, in a fresh temp dir.
 
     `async with Stack("split") as s:` -> s.base_url, s.roles["processor"].pid, s.storage_dir.
-    With `profile_dir`, every role runs under cProfile and leaves `<role>.prof` there."""
+    With `profile_dir`, every role runs under cProfile and leaves `<role>.prof` there;
+    `redis_server` is the redis-server binary to run (default: the suite's)."""
 
     def __init__(
-        self, topology: str, patch: dict[str, Any] | None = None, profile_dir: Path | None = None
+        self,
+        topology: str,
+        patch: dict[str, Any] | None = None,
+        profile_dir: Path | None = None,
+        redis_server: str | None = None,
     ) -> None:
         self.topology = topology
         self.patch = patch or {}
@@ -251,7 +275,7 @@ class Stack:
         # (bench/README.md), which is the filesystem, not the service.
         STACKS_DIR.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{topology}-", dir=STACKS_DIR))
-        self.redis = EmbeddedRedis(self.tmp / "redis", "127.0.0.1", free_port())
+        self.redis = BenchRedis(self.tmp / "redis", "127.0.0.1", free_port(), redis_server)
         self.roles: dict[str, Role] = {}
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

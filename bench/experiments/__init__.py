@@ -1,0 +1,1 @@
+"""Ad-hoc measurements on a plain redis-server that guide design changes (see bench/README.md)."""
