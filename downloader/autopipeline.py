@@ -105,10 +105,9 @@ class AutoPipeline:
                 c.future.set_result(reply)
 
     async def _load(self, script: AsyncScript) -> None:
-        if self._cluster:  # every master: a shard's scripts run where its slot is
-            await self._r.script_load(script.script, target_nodes=RedisCluster.PRIMARIES)
-        else:
-            await self._r.script_load(script.script)
+        # on a cluster, redis-py sends SCRIPT LOAD to every master (a shard's scripts run
+        # where its slot is)
+        await self._r.script_load(script.script)
 
     async def _execute(self, batch: list[_Call]) -> dict[int, tuple[Any, int | None]]:
         """One round trip (one per node on a cluster): {id(call): (reply or exception, the WAIT
@@ -126,8 +125,8 @@ class AutoPipeline:
                 c.node = self._r.get_node_from_key(c.keys[0]) if self._cluster else None
                 waits[c.node] = max(waits.get(c.node, 0), c.acks)
         async with self._r.pipeline(transaction=False) as p:
-            for c in batch:
-                p.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+            for c in batch:  # a cluster pipeline refuses p.evalsha(); the command itself is fine
+                p.execute_command("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
             for node, acks in waits.items():
                 if node is None:
                     p.execute_command("WAIT", acks, self._wait_ms)

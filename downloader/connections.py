@@ -113,11 +113,15 @@ def connect(config: Config) -> Any:
             decode_responses=True,
             socket_connect_timeout=2,
             socket_timeout=15,
-            retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), 3),
+            # a command whose node failed (a master lost mid-run): the client asks the cluster
+            # for its slots again and retries, 10 times over ~3 s, before it gives up
+            retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), 10),
             max_connections=1024,
-            # a master lost mid-run: the client asks the cluster again and retries for ~5 s
-            # (cluster-node-timeout and the replica's promotion) before it gives up
-            cluster_error_retry_attempts=10,
+            # the shards of the masters left keep working while one master is down
+            require_full_coverage=False,
+            # a MOVED updates the one slot; the default (rebuild the whole map every 5th MOVED)
+            # closes every connection under the commands in flight on them (redis-py 8.1)
+            reinitialize_steps=0,
         )
     if rc.sentinels:
         sentinel = SerializedSentinel(rc.sentinels, **common)  # type: ignore[no-untyped-call]

@@ -221,10 +221,11 @@ class Proc:
         return ""
 
 
-def chaos_config(redis_addr: str, workdir: Path) -> dict[str, Any]:
-    """Short leases and liveness lapses so a killed process's work comes back within 1-2 s."""
+def chaos_config(redis_addr: str, workdir: Path, cluster: bool = False) -> dict[str, Any]:
+    """Short leases and liveness lapses so a killed process's work comes back within 1-2 s;
+    `cluster`: `redis_addr` names a Redis Cluster's seed nodes."""
     return {
-        "redis": {"addr": redis_addr},
+        "redis": {"addr": redis_addr, "cluster": cluster},
         "api": {"heartbeat_path": str(workdir / "hb-off")},
         "processor": {
             "storage_dir": str(workdir / "files"),
@@ -253,9 +254,12 @@ def chaos_config(redis_addr: str, workdir: Path) -> dict[str, Any]:
 class Chaos:
     """One run of the scenario against the Redis at `redis_addr` (which it does not own)."""
 
-    def __init__(self, spec: ChaosSpec, redis_addr: str, workdir: Path) -> None:
+    def __init__(
+        self, spec: ChaosSpec, redis_addr: str, workdir: Path, cluster: bool = False
+    ) -> None:
         self.spec = spec
         self.redis_addr = redis_addr
+        self.cluster = cluster
         self.workdir = workdir
         self.rng = random.Random(spec.seed)
         self.config = workdir / "chaos-config.json"
@@ -274,7 +278,7 @@ class Chaos:
     async def run(self) -> ChaosResult:
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(json.dumps(chaos_config(self.redis_addr, self.workdir)))
+        self.config.write_text(json.dumps(chaos_config(self.redis_addr, self.workdir, self.cluster)))
         await self.peers.start()
         timeout = aiohttp.ClientTimeout(total=5)
         try:
@@ -477,7 +481,7 @@ class Chaos:
         )
 
     async def _count_jobs(self) -> int:
-        storage = _storage(chaos_config(self.redis_addr, self.workdir))
+        storage = _storage(chaos_config(self.redis_addr, self.workdir, self.cluster))
         try:
             return sum([len(await storage.job_ids(s)) for s in storage.all_shards])
         finally:

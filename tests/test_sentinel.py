@@ -3,65 +3,18 @@ against the new master (a real master, replica and three sentinels on loopback).
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import pytest
 
 from downloader.storage import Keys
 from harness.redis_nodes import MASTER_NAME, SentinelGroup, StrRedis
 from harness.servers import CallbackReceiver, FileServer
-from tests.conftest import Service
+from tests.conftest import Service, Submitter
 
 FINAL_DOWNLOAD_EVENTS = {"download.succeeded", "download.failed", "job.aborted"}
 PHASE_JOBS = 20  # before the failover, during it, after it: 60 in all
-AGGREGATIONS = 4
-
-
-@dataclass
-class Submitter:
-    """POSTs jobs like a careful client: one Idempotency-Key per job, 503s retried after
-    Retry-After, so a POST whose answer was lost in the failover never makes a second job."""
-
-    svc: Service
-    receiver: CallbackReceiver
-    url: str
-    ids: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
-    unavailable: int = 0  # 503 answers
-    replayed: int = 0  # retries answered "Idempotent-Replayed"
-
-    async def submit(self, n: int, tag: str, pause_s: float = 0.0) -> list[str]:
-        out = []
-        for i in range(n):
-            out.append(await self.post(f"{tag}-{i}", f"aggr{i % AGGREGATIONS}"))
-            if pause_s:
-                await asyncio.sleep(pause_s)  # spread these POSTs over the failover
-        return out
-
-    async def post(self, key: str, aggr: str) -> str:
-        assert self.svc.http is not None
-        body = {
-            "aggr_id": aggr,
-            "aggr_limit": 2,
-            "url": self.url,
-            "callback_url": self.receiver.url("/cb"),
-            "extra": key,
-        }
-        for _ in range(100):  # ~100 s of 503s at most: far beyond any failover here
-            async with self.svc.http.post(
-                self.svc.base_url + "/download", json=body, headers={"Idempotency-Key": key}
-            ) as resp:
-                data = await resp.json(content_type=None)
-                if resp.status == 201:
-                    self.replayed += resp.headers.get("Idempotent-Replayed") == "true"
-                    self.ids[key] = data["id"]
-                    return str(data["id"])
-                assert resp.status == 503, (resp.status, data)
-                self.unavailable += 1
-                await asyncio.sleep(float(resp.headers["Retry-After"]))
-        raise AssertionError(f"job {key} was never accepted")
 
 
 async def check_every_job(

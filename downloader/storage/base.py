@@ -3,6 +3,7 @@ and what makes a write a client may rely on safe (WAIT for a replica)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -62,6 +63,8 @@ OUTAGES = (
     SlotNotCoveredError,
 )
 """What Redis answers while it (or the part of a cluster holding a key) is not there."""
+
+CLUSTER_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
 
 
 def _outage_is_unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -125,28 +128,42 @@ class StorageBase:
         return [list(self.all_shards)]
 
     async def _run(self, name: str, shard: int, *args: Any, keys: Sequence[str] = ()) -> Any:
-        """Run script `name` on `shard` (KEYS: the shard's event stream, then `keys`)."""
-        return await self._pipe.call(
-            self._scripts[name], (self.keys.events(shard), *keys), (*args, self._settings)
-        )
+        """Run script `name` on `shard` (KEYS: the shard's event stream, `keys`, the shard's
+        fence)."""
+        return await self._call(name, self._keys_of(shard, keys), args)
+
+    def _keys_of(self, shard: int, keys: Sequence[str]) -> tuple[str, ...]:
+        return (self.keys.events(shard), *keys, self.keys.fence(shard))
 
     async def _run_keyed(self, name: str, keys: Sequence[str], *args: Any) -> Any:
         """Run a script that is not about a shard (its own KEYS)."""
-        return await self._pipe.call(self._scripts[name], tuple(keys), (*args, self._settings))
+        return await self._call(name, tuple(keys), args)
+
+    async def _call(
+        self, name: str, keys: tuple[str, ...], args: tuple[Any, ...], acks: int = 0
+    ) -> Any:
+        """One script call. On a cluster, a call refused because its slot is moving (TRYAGAIN,
+        or ASK/MOVED redirections that found no end) or its master is failing over (CLUSTERDOWN)
+        never ran: it is sent again, 50 ms doubling, for up to ~3 s, before it counts as an
+        outage."""
+        script, full_args = self._scripts[name], (*args, self._settings)
+        for delay in CLUSTER_RETRY_DELAYS if self.cluster else ():
+            try:
+                return await self._pipe.call(script, keys, full_args, acks=acks)
+            except (ClusterError, TryAgainError):
+                await asyncio.sleep(delay)
+        return await self._pipe.call(script, keys, full_args, acks=acks)
 
     async def _run_acked(self, name: str, shard: int, *args: Any, keys: Sequence[str] = ()) -> Any:
         """`_run`, then WAIT until a replica has the write (under Sentinel or on a cluster):
         an answer a client relies on (a 201) must survive a failover to that replica."""
-        anchor = self.keys.events(shard)
-        needed = await self._replica_acks_needed(anchor)
+        needed = await self._replica_acks_needed(self.keys.events(shard))
         try:
-            return await self._pipe.call(
-                self._scripts[name], (anchor, *keys), (*args, self._settings), acks=needed
-            )
+            return await self._call(name, self._keys_of(shard, keys), args, acks=needed)
         except NotReplicated:
             self._acks_checked_at = 0.0
             self._node_acks.clear()
-            if isinstance(self.r.connection_pool, FollowingMasterPool):
+            if not self.cluster and isinstance(self.r.connection_pool, FollowingMasterPool):
                 self.r.connection_pool.recheck_soon()  # a master its replica left may be deposed
             raise
 

@@ -18,6 +18,7 @@ of a shard run in one Redis Cluster slot; a few service-wide keys have tags of t
     <prefix>:{<tag>}:reap                zset    stored files due for deletion
     <prefix>:{<tag>}:idem:<key>          hash    an Idempotency-Key (expires after its window)
     <prefix>:{<tag>}:export:lock, export:position the event export of this shard
+    <prefix>:{<tag>}:fence               never exists: declared by every script (see fence())
     <prefix>:{meta}:instances, stats:<role>:<id>, alive:<role>:<id>   who runs, and its stats
     <prefix>:{dir}:aggr:<a>              string  the shard of an aggregation (placement)
     <prefix>:{rate:<token>}              hash    a token's request bucket
@@ -107,6 +108,14 @@ class Keys:
 
     def export_position(self, s: int) -> str:
         return self.shard(s) + "export:position"
+
+    def fence(self, s: int) -> str:
+        """A key that never exists. Every script of the shard declares it, so that none runs
+        while the shard's slot migrates between cluster nodes: Redis answers TRYAGAIN to a
+        script whose declared keys are not all on the node in a moving slot, where a script
+        reading keys it did not declare could see half the shard (storage.base._call sends
+        it again)."""
+        return self.shard(s) + "fence"
 
     # -- service-wide ---------------------------------------------------------------------------
 
