@@ -214,6 +214,34 @@ async def test_a_master_sigkilled_mid_run_loses_no_job(
 
 
 @pytest.mark.timeout(120)
+async def test_a_201_means_the_shards_replica_has_the_job(
+    redis_cluster: ClusterGroup,
+    service_factory: ServiceFactory,
+    files: FileServer,
+    receiver: CallbackReceiver,
+) -> None:
+    """While the replica of a shard's master is frozen, a POST for that shard answers 503 (the
+    write is not confirmed); once it answers again a POST gets 201, and a SIGKILL of the master
+    right after it loses nothing: the promoted replica has the job and runs it."""
+    svc = await service_factory(on(redis_cluster))
+    url = files.add("/f", b"payload")
+    cb = receiver.url("/cb")
+    first = await svc.submit(**job_request(url, cb, aggr_id="acked"))
+    master = redis_cluster.master_of_key(svc.storage.keys.events(shard_of(first)))
+    [replica] = redis_cluster.replicas_of(master)
+    replica.freeze()
+    try:
+        status, body = await svc.post("/download", job_request(url, cb, aggr_id="acked"))
+        assert status == 503, body
+    finally:
+        replica.thaw()
+    job_id = await svc.submit(**job_request(url, cb, aggr_id="acked", extra="kept"))
+    await redis_cluster.kill_master(master)  # at once: only WAIT put the job on the replica
+    [payload] = await receiver.wait_for(job_id, timeout=30)
+    assert (payload["success"], payload["extra"]) == (True, "kept")
+
+
+@pytest.mark.timeout(120)
 async def test_a_busy_shards_slot_migrates_mid_run_without_losing_a_job(
     redis_cluster: ClusterGroup,
     service_factory: ServiceFactory,
