@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import resource
 import signal
@@ -13,6 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import start_http_server
@@ -28,7 +30,7 @@ from downloader.embedded import (
     listen_error,
     reachable,
 )
-from downloader.errors import ConfigError
+from downloader.errors import ConfigError, StorageUnavailable
 from downloader.heartbeat import new_instance_id
 from downloader.log import configure_logging, get_logger
 from downloader.netguard import NetworkPolicy
@@ -164,6 +166,15 @@ async def _run(args: argparse.Namespace, config: Config, embedded: EmbeddedRedis
             if section.metrics_port:
                 start_http_server(section.metrics_port, addr=section.metrics_host)
     async with _storage(config) as storage:
+        # a Redis laid out for another config stops us before any work is taken; one that is
+        # not up yet is checked once it answers (and stops us then)
+        refused: list[str] = []
+        layout = asyncio.create_task(_layout_problem(storage, stop))
+        await asyncio.wait({layout}, timeout=2)
+        if layout.done() and layout.result():
+            print(f"error: {layout.result()}", file=sys.stderr)
+            return 2
+        layout.add_done_callback(functools.partial(_refuse_on_problem, stop, refused))
         # the API listens first: a port in use stops us before any work is taken
         tasks: list[asyncio.Task[None]] = []
         url = ""
@@ -189,7 +200,26 @@ async def _run(args: argparse.Namespace, config: Config, embedded: EmbeddedRedis
             redis_died = watch is not None and watch.done()
             if watch is not None:
                 watch.cancel()
-    return 1 if redis_died else 0
+            layout.cancel()
+    return 2 if refused else 1 if redis_died else 0
+
+
+async def _layout_problem(storage: Storage, stop: asyncio.Event) -> str | None:
+    """storage.layout_problem(), once Redis answers."""
+    while not stop.is_set():
+        try:
+            return await storage.layout_problem()
+        except StorageUnavailable:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1)
+    return None
+
+
+def _refuse_on_problem(stop: asyncio.Event, refused: list[str], task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is None and task.result():
+        refused.append(task.result())
+        log.error("stopping: this Redis cannot be served with this config", problem=task.result())
+        stop.set()
 
 
 async def _rebuild(config: Config) -> int:
@@ -197,6 +227,9 @@ async def _rebuild(config: Config) -> int:
     job index: no key scan). A packed job's projection is folded whenever it is read."""
     jobs = events = 0
     async with _storage(config) as storage:
+        if problem := await storage.layout_problem():
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         for shard in storage.all_shards:
             for job_id in await storage.job_ids(shard):
                 folded = await storage.rebuild(job_id)

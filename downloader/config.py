@@ -168,6 +168,8 @@ class RedisConfig(_Section):
             raise ValueError("cluster: true needs addr (comma-separated seed nodes)")
         if self.cluster and self.sentinels:
             raise ValueError("cluster and sentinel exclude each other")
+        if self.cluster and self.db:
+            raise ValueError("cluster: true needs db 0 (a Redis Cluster has no other database)")
         return self
 
     @property

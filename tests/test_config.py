@@ -281,12 +281,20 @@ def test_sentinel_list_without_master_name_is_ignored_with_a_warning(tmp_path: P
         ({"sentinel": "yes please"}, r"redis\.sentinel"),
         ({"sentinel": True}, r"redis: sentinel: true needs addr"),
         ({"addr": "a:1,b:x", "sentinel": True}, r"redis\.addr"),
+        ({"cluster": True}, r"redis: cluster: true needs addr"),
+        ({"cluster": True, "addr": "a:1", "db": 2}, r"cluster: true needs db 0"),
+        ({"cluster": True, "addr": "a:1", "sentinel": True}, r"exclude each other"),
+        ({"shards": 0}, r"redis\.shards"),
+        ({"shards": 63}, r"redis\.shards"),
+        ({"key_prefix": "dl{x}"}, r"redis\.key_prefix"),
     ],
 )
 def test_bad_sentinel_settings_name_the_key(
     tmp_path: Path, redis: dict[str, object], key: str
 ) -> None:
-    """A sentinel address that is not host:port, or `true` without addresses, is refused."""
+    """A sentinel address that is not host:port, or `true` without addresses, is refused; so
+    are a cluster without seeds or with a database, shards outside 1..62 and a key prefix with
+    braces (it precedes the hash tags)."""
     with pytest.raises(ConfigError, match=key):
         load_config(write(tmp_path, {"redis": redis}), environ={})
 

@@ -66,6 +66,9 @@ OUTAGES = (
 
 CLUSTER_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
 
+LAYOUT_MODEL = "sharded-1"
+"""The data model's name in `{meta}:layout` (the model before it recorded none)."""
+
 
 def _outage_is_unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Redis connection errors and timeouts leave storage as StorageUnavailable, and nothing
@@ -221,6 +224,49 @@ class StorageBase:
         )
         self._acks_needed, self._acks_checked_at = (0 if degraded else 1), time.monotonic()
         return self._acks_needed
+
+    async def layout_problem(self) -> str | None:
+        """Why this process must not serve this Redis, or None. The first process records the
+        layout (`{meta}:layout`); a process with another `redis.shards` would strand every job,
+        and so would work left unfinished by the data model before shards."""
+        key = self.keys.layout
+        await self.r.hsetnx(key, "shards", self.shards)
+        await self.r.hsetnx(key, "model", LAYOUT_MODEL)
+        recorded = int(await self.r.hget(key, "shards"))
+        if recorded != self.shards:
+            return (
+                f"redis.shards is {self.shards}, but the data in this Redis is laid out in "
+                f"{recorded} shards: set redis.shards to {recorded} (it is fixed for the life "
+                "of the data)"
+            )
+        if self.cluster:  # the earlier data model never ran on a cluster
+            return None
+        left = await self._earlier_model_work()
+        if left:
+            return (
+                f"this Redis holds unfinished work of the earlier data model ({left}): finish "
+                "it with the earlier version first (README, Upgrades)"
+            )
+        return None
+
+    async def _earlier_model_work(self) -> str:
+        """What the data model before shards left unfinished under this prefix: its global
+        queues (`<prefix>:aggregations`, `:leases`, ...)."""
+        old = f"{self.keys.prefix}:"
+        async with self.r.pipeline(transaction=False) as p:
+            for name in ("aggregations", "leases", "retries", "callback-retries", "reap"):
+                p.zcard(old + name)
+            p.xlen(old + "callbacks")
+            counts = [int(n) for n in await p.execute()]
+        labels = (
+            "aggregations with jobs waiting",
+            "downloads running",
+            "downloads waiting for a retry",
+            "callbacks waiting for a retry",
+            "files waiting for deletion",
+            "callbacks to deliver",
+        )
+        return ", ".join(f"{n} {label}" for n, label in zip(counts, labels, strict=True) if n)
 
     async def close(self) -> None:
         await self._pipe.drain()

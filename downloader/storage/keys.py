@@ -20,6 +20,7 @@ of a shard run in one Redis Cluster slot; a few service-wide keys have tags of t
     <prefix>:{<tag>}:export:lock, export:position the event export of this shard
     <prefix>:{<tag>}:fence               never exists: declared by every script (see fence())
     <prefix>:{meta}:instances, stats:<role>:<id>, alive:<role>:<id>   who runs, and its stats
+    <prefix>:{meta}:layout               hash    the data's layout: shards, model
     <prefix>:{dir}:aggr:<a>              string  the shard of an aggregation (placement)
     <prefix>:{rate:<token>}              hash    a token's request bucket
 """
@@ -128,6 +129,10 @@ class Keys:
 
     def alive(self, role: str, instance: str) -> str:
         return f"{self.prefix}:{{meta}}:alive:{role}:{instance}"
+
+    @property
+    def layout(self) -> str:
+        return f"{self.prefix}:{{meta}}:layout"
 
     def directory(self, aggr_id: str) -> str:
         return f"{self.prefix}:{{dir}}:aggr:{aggr_id}"
