@@ -118,6 +118,15 @@ async def test_every_lua_key_has_a_python_twin_spelled_the_same(
         assert lua_names == python_names
 
 
+def test_every_fixed_key_a_script_may_touch_is_declared() -> None:
+    """Each shard-wide KEY.* constant of prelude.lua but `events` (KEYS[1]) is among the fixed
+    keys every script call declares."""
+    prelude = (SCRIPTS / "prelude.lua").read_text()
+    constants = dict(re.findall(r"^KEY\.(\w+) = P \.\. '([^']+)'$", prelude, re.M))
+    assert "wake" in constants
+    assert set(constants.values()) - {"events"} == set(Keys.FIXED)
+
+
 def test_every_key_of_a_shard_hashes_to_its_slot() -> None:
     """A shard's keys share one Redis Cluster slot, and the shards' slots spread evenly over
     the slot space (each in its own 1/N of it)."""

@@ -5,10 +5,12 @@
 --   KEYS[1]     the shard's event stream, `<prefix>:{<tag>}:events`: it routes the script to
 --               the shard's node, and every other key is named from its prefix `<prefix>:{<tag>}:`
 --               in KEY below (keys of jobs popped from a queue cannot be known beforehand)
---   KEYS[2..]   the other keys known when the script is called (a job's, an aggregation's),
---               declared as Redis Cluster asks, and last the shard's `fence`: a key that never
---               exists, so that no script runs while the shard's slot moves between nodes
---               (Redis answers TRYAGAIN then: see storage.Keys.fence)
+--   KEYS[2..]   the keys of the job or aggregation the script is called for, then every fixed
+--               key of the shard (storage.Keys.FIXED, whichever the script touches), declared
+--               as Redis Cluster asks, and last the shard's `fence`: a key that never exists, so
+--               that no script runs while the shard's slot moves between nodes (Redis answers
+--               TRYAGAIN then: see storage.Keys.fence). Keys a script only learns as it runs
+--               (the jobs popped from a queue) are of the same shard, so the same slot.
 --   ARGV[#ARGV] JSON settings: {"retention_ms": ..., "events_maxlen": ...}
 -- Scripts that are not about a shard (ratelimit.lua, stats.lua) name their own keys.
 

@@ -131,12 +131,12 @@ class StorageBase:
         return [list(self.all_shards)]
 
     async def _run(self, name: str, shard: int, *args: Any, keys: Sequence[str] = ()) -> Any:
-        """Run script `name` on `shard` (KEYS: the shard's event stream, `keys`, the shard's
-        fence)."""
+        """Run script `name` on `shard`. KEYS: the shard's event stream, `keys` (those of the
+        job or aggregation it is called for), every fixed key of the shard, its fence."""
         return await self._call(name, self._keys_of(shard, keys), args)
 
     def _keys_of(self, shard: int, keys: Sequence[str]) -> tuple[str, ...]:
-        return (self.keys.events(shard), *keys, self.keys.fence(shard))
+        return (self.keys.events(shard), *keys, *self.keys.fixed(shard), self.keys.fence(shard))
 
     async def _run_keyed(self, name: str, keys: Sequence[str], *args: Any) -> Any:
         """Run a script that is not about a shard (its own KEYS)."""

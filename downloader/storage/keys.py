@@ -37,10 +37,27 @@ class Keys:
     """Key names, shard by shard. The Lua scripts build the shard's names from the prefix of
     their KEYS[1] (prelude.lua `KEY.*`); tests/test_contract.py checks both agree."""
 
+    FIXED = (
+        "jobs",
+        "aggregations",
+        "wake",
+        "leases",
+        "lease-owners",
+        "retries",
+        "callbacks",
+        "callback-retries",
+        "reap",
+        "export:lock",
+        "export:position",
+    )
+    """The names of a shard's keys that are the same for every job (besides `events`, and
+    `fence`): every script declares them all, whichever it touches."""
+
     def __init__(self, prefix: str, shards: int = 16) -> None:
         self.prefix = prefix
         self.shards = shards
         self.tags = shard_tags(shards)
+        self._fixed = [tuple(self.shard(s) + name for name in self.FIXED) for s in range(shards)]
 
     def shard(self, s: int) -> str:
         """The prefix of shard `s`'s keys: `<prefix>:{<tag>}:`."""
@@ -109,6 +126,10 @@ class Keys:
 
     def export_position(self, s: int) -> str:
         return self.shard(s) + "export:position"
+
+    def fixed(self, s: int) -> tuple[str, ...]:
+        """Shard `s`'s keys named in FIXED."""
+        return self._fixed[s]
 
     def fence(self, s: int) -> str:
         """A key that never exists. Every script of the shard declares it, so that none runs
