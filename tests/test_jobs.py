@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from downloader.ids import shard_of
 from harness.servers import CallbackReceiver, FileServer, Reply, free_port, job_request
 from tests.conftest import Service
 
@@ -70,6 +71,25 @@ async def test_same_idempotency_key_with_another_body_is_refused(
     assert "Idempotency-Key" in err["error"]
     _, aggrs = await api.get("/dashboard/aggregations")
     assert aggrs == [{"name": "jobs:j", "size": 1}]
+
+
+async def test_same_idempotency_key_for_an_aggregation_on_another_shard_is_refused(
+    service_factory: Any, receiver: CallbackReceiver
+) -> None:
+    """A key reused for a job of another aggregation, which lives in another shard, answers 422
+    naming the header and the key's job, and queues nothing (keys are looked up in the shard of
+    their aggregation, so the key is first tied to that shard)."""
+    api = await service_factory(None, {"api"})
+    headers = {"Idempotency-Key": "k-2"}
+    _, first = await api.post("/download", body("http://origin.test/a", receiver), headers=headers)
+    other = await api.submit(**body("http://origin.test/o", receiver, aggr_id="other"))
+    assert shard_of(other) != shard_of(first["id"])  # placed beside the waiting aggregation
+    request = body("http://origin.test/b", receiver, aggr_id="other")
+    status, err = await api.post("/download", request, headers=headers)
+    assert status == 422, err
+    assert err["field"] == "Idempotency-Key" and first["id"] in err["error"]
+    _, aggrs = await api.get("/dashboard/aggregations")
+    assert sorted(a["size"] for a in aggrs) == [1, 1]
 
 
 async def test_idempotency_key_expires_after_the_window(

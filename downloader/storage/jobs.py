@@ -121,6 +121,8 @@ class JobStore(StorageBase):
         made, so a burst of new ones can pass it by a few). Raises ProxyConflict,
         IdempotencyConflict or TooManyAggregations."""
         shard, aggr_id = shard_of(job_id), str(fields["aggr_id"])
+        if idempotency_key:
+            await self._tie_idempotency_key(idempotency_key, job_id, window_ms)
         keys = [
             self.keys.job(job_id),
             self.keys.aggr(shard, aggr_id),
@@ -154,6 +156,18 @@ class JobStore(StorageBase):
             raise IdempotencyConflict(detail)
         # 'exists': redis-py resent the script after a lost reply, and the first run took it
         return (detail or job_id), status == "replayed"
+
+    async def _tie_idempotency_key(self, key: str, job_id: str, window_ms: int) -> None:
+        """An Idempotency-Key is looked up in the shard of its request's aggregation; tied here
+        to the job it was first used for, a key reused for an aggregation of another shard (so
+        another request) is refused too. Raises IdempotencyConflict."""
+        owner_key = self.keys.idempotency_owner(key)
+        async with self.r.pipeline(transaction=False) as p:
+            p.set(owner_key, job_id, nx=True, px=max(1, window_ms))
+            p.get(owner_key)
+            _set, owner = await p.execute()
+        if owner and shard_of(owner) != shard_of(job_id):
+            raise IdempotencyConflict(owner)
 
     # -- reading a job ----------------------------------------------------------------------------
 

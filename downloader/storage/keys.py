@@ -22,6 +22,7 @@ of a shard run in one Redis Cluster slot; a few service-wide keys have tags of t
     <prefix>:{meta}:instances, stats:<role>:<id>, alive:<role>:<id>   who runs, and its stats
     <prefix>:{meta}:layout               hash    the data's layout: shards, model
     <prefix>:{dir}:aggr:<a>              string  the shard of an aggregation (placement)
+    <prefix>:{dir}:idem:<key>            string  the job an Idempotency-Key was first used for
     <prefix>:{rate:<token>}              hash    a token's request bucket
 """
 
@@ -157,6 +158,9 @@ class Keys:
 
     def directory(self, aggr_id: str) -> str:
         return f"{self.prefix}:{{dir}}:aggr:{aggr_id}"
+
+    def idempotency_owner(self, key: str) -> str:
+        return f"{self.prefix}:{{dir}}:idem:{key}"
 
     def rate(self, token_key: str) -> str:
         return f"{self.prefix}:{{rate:{token_key}}}"
