@@ -278,7 +278,9 @@ class Chaos:
     async def run(self) -> ChaosResult:
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(json.dumps(chaos_config(self.redis_addr, self.workdir, self.cluster)))
+        self.config.write_text(
+            json.dumps(chaos_config(self.redis_addr, self.workdir, self.cluster))
+        )
         await self.peers.start()
         timeout = aiohttp.ClientTimeout(total=5)
         try:
