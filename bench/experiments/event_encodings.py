@@ -1,27 +1,29 @@
 """Bytes per settled job in other encodings, replayed from jobs the service really stored.
 
 Not the service: a plain redis-server (no AOF) and the settled jobs that bench/redis_memory.py
-saves (`samples`: each job's projection hash, its stream entries and the global stream's copies
-of them). For each variation, `jobs` jobs are written in that encoding (the samples cycled in
-the proportions of the load mix; each job gets a fresh id of the same length, in its key names
-and in its values), every per-job key with the retention TTL the service gives a settled job.
-Bytes per job = growth of used_memory (less client buffers) / jobs, and the sum of
-`MEMORY USAGE <key> SAMPLES 0` over the keyspace / jobs. Between variations: FLUSHALL and the
-server's default settings back.
+saves (`samples`: each job's packed string `done:<id>`, the shard stream's entries of its
+events, its job index score and its idempotency key). For each variation, `jobs` jobs are
+written in that encoding (the samples cycled in the proportions of the load mix; each job gets
+a fresh id of the same length, spread over the 16 shards, in its key names and in its values),
+every per-job key with the TTL the service gives it (retention for the packed job, 24 h for the
+idempotency key). Bytes per job = growth of used_memory (less client buffers) / jobs, and the
+sum of `MEMORY USAGE <key> SAMPLES 0` over the keyspace / jobs. Between variations: FLUSHALL and
+the server's default settings back.
 
 Variations (the first of each group is what the service stores today):
-  events of a job: STREAM (XADD type ts v data), the same with `stream-node-max-bytes` lowered
-    (it caps the 4096-byte preallocation of a new stream node), a LIST of compact JSON events,
-    one STRING of a JSON array of events (full; without what is derivable: ts is the event id's
-    milliseconds, v is constant; short: one-letter type codes, short data keys, empty and
-    default values left out, times as ms after the first event), the short form as MessagePack
-    (Lua's cmsgpack, so a script could write it).
-  projection: the HASH as stored (listpack / ziplist: every value <= 64 bytes), forced to a
-    hashtable, with a 100-character URL (a value over hash-max-listpack-value makes it a
-    hashtable) and the same with hash-max-listpack-value 256; without the request fields (they
-    are in job.accepted).
-  global stream: a full copy of each event (type job_id ts v data), a reference (job_id type).
-  a whole settled job: today's three; candidates built from the cheaper pieces.
+  packed job: the STRING as stored (`{sealed}\n<id>\t<type>\t<data JSON>` lines); every
+    event's data as compact JSON (processor and notifier events are written with `", "` and
+    `": "`); what is empty or default left out of the data (`aggr_proxy ""`, `mime_type ""`,
+    `request_headers {}`, ...); event ids after the first as ms after it (`+6`, `+6-1`); one- or
+    two-letter event types; all four ("short"); short, plus short data keys and without the
+    `download_url` (derivable from the id); short as MessagePack (Lua's cmsgpack, so a script
+    could write it).
+  job index: the ZSET per shard (id -> creation ms), a STREAM per shard of job ids.
+  idempotency: the HASH (job_id, 64-hex fingerprint); a STRING `<job id><fingerprint>`; the
+    same with a 128-bit fingerprint (22 base64 characters).
+  shard stream: a copy of each event (j, t, d), a reference (j, t), a reference with a type code.
+  settled job: today's packed job + index entry, with and without its events in the shard stream
+    (its first hour); candidates built from the cheaper pieces.
 
     .venv/bin/python bench/experiments/event_encodings.py [--redis-server PATH] [--jobs 10000]
         [--samples bench/results/redis_memory.json]
@@ -31,13 +33,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import shutil
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +50,17 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: the repository for harness/downloader
     sys.path.insert(0, str(ROOT))
 
-from downloader.config import RedisConfig  # noqa: E402
+from downloader.config import ApiConfig, EventsConfig, RedisConfig  # noqa: E402
 from downloader.embedded import find_redis_server  # noqa: E402
+from downloader.ids import ALPHABET, shard_of  # noqa: E402
 from downloader.storage import Keys  # noqa: E402
 from harness.redis_nodes import StrRedis  # noqa: E402
 from harness.servers import free_port  # noqa: E402
 
-RETENTION_MS = 72 * 3600 * 1000
-HASH_VALUE_LIMIT = "hash-max-ziplist-value"  # 7.0 also takes the pre-listpack names
-HASH_ENTRIES_LIMIT = "hash-max-ziplist-entries"
+RETENTION_MS = int(EventsConfig().retention_hours * 3_600_000)
+IDEMPOTENCY_MS = int(ApiConfig().idempotency_window_seconds * 1000)
+SHARDS = RedisConfig().shards
+KEYS = Keys(RedisConfig().key_prefix, SHARDS)
 BATCH = 200  # jobs per pipeline
 
 TYPE_CODES = {
@@ -101,23 +106,18 @@ FIELD_CODES = {
     "delivery_error": "de",
     "reason": "why",
 }
-# the request fields of a projection: copies of job.accepted's data
-REQUEST_FIELDS = frozenset(FIELD_CODES) - {
-    "attempt",
-    "response_code",
-    "error",
-    "download_url",
-    "file_mime_type",
-    "file_bytes",
-    "image_size",
-    "retry_in_ms",
-    "delivery_error",
-    "reason",
-    "s3_key",
-}
 MSGPACK_SET = (
     "return redis.call('SET', KEYS[1], cmsgpack.pack(cjson.decode(ARGV[1])), 'PX', ARGV[2])"
 )
+
+
+@dataclass(frozen=True)
+class Line:
+    """One event of a packed job."""
+
+    id: str  # <ms>-<seq>
+    type: str
+    data: str  # JSON, as stored
 
 
 @dataclass(frozen=True)
@@ -125,127 +125,176 @@ class Job:
     """One settled job as the service stored it."""
 
     id: str
-    projection: dict[str, str]
-    events: list[tuple[str, dict[str, str]]]  # (event id, stream fields: type ts v data)
+    head: str  # the packed string's first line: the sealed fields (JSON)
+    lines: tuple[Line, ...]
+    stream: tuple[tuple[str, dict[str, str]], ...]  # the shard stream's entries (j, t, d)
+    index_score: float
+    idempotency_key: str  # the client's key (as in the key name), '' for none
+    idempotency: dict[str, str]  # job_id, fingerprint
 
-    def renamed(self, new_id: str) -> Job:
-        """The same job under another id (of the same length), in its values too."""
-
-        def sub(s: str) -> str:
-            return s.replace(self.id, new_id)
-
-        return Job(
-            new_id,
-            {k: sub(v) for k, v in self.projection.items()},
-            [(eid, {k: sub(v) for k, v in f.items()}) for eid, f in self.events],
+    @classmethod
+    def from_sample(cls, s: dict[str, Any]) -> Job:
+        head, *rows = s["packed"].split("\n")
+        lines = tuple(Line(*row.split("\t", 2)) for row in rows)
+        idem_name = s["idempotency_key"].split(":idem:", 1)[1] if s["idempotency_key"] else ""
+        return cls(
+            s["job_id"],
+            head,
+            lines,
+            tuple((e[0], dict(e[1])) for e in s["stream"]),
+            float(s["index_score"]),
+            idem_name,
+            dict(s["idempotency"]),
         )
 
-    def with_url(self, chars: int) -> Job:
-        """The job with its URL padded to `chars` characters (in the projection and events)."""
-        url = self.projection["url"]
-        longer = url[:-4] + "0" * (chars - len(url)) + url[-4:]
-        events = [(eid, {**f, "data": f["data"].replace(url, longer)}) for eid, f in self.events]
-        return Job(self.id, {**self.projection, "url": longer}, events)
+    def renamed(self, new_id: str, idempotency_key: str) -> Job:
+        """The same job under another id (of the same length), in its values too."""
 
+        def sub(v: str) -> str:
+            return v.replace(self.id, new_id)
 
-KEYS = Keys(RedisConfig().key_prefix)
+        return replace(
+            self,
+            id=new_id,
+            lines=tuple(replace(line, data=sub(line.data)) for line in self.lines),
+            stream=tuple((eid, {k: sub(v) for k, v in f.items()}) for eid, f in self.stream),
+            idempotency_key=idempotency_key if self.idempotency_key else "",
+            idempotency={k: sub(v) for k, v in self.idempotency.items()},
+        )
 
+    @property
+    def shard(self) -> int:
+        return shard_of(self.id)
 
-def job_key(job: Job) -> str:
-    return KEYS.job(job.id)
-
-
-def events_key(job: Job) -> str:
-    """Where the job's events are, whatever their encoding."""
-    return KEYS.job_events(job.id)
+    @property
+    def packed(self) -> str:
+        return "\n".join([self.head, *(f"{x.id}\t{x.type}\t{x.data}" for x in self.lines)])
 
 
 # -- the encodings -----------------------------------------------------------------------------
-
-
-def full_events(job: Job) -> list[dict[str, Any]]:
-    return [
-        {"id": eid, "type": f["type"], "ts": int(f["ts"]), "v": int(f["v"]), "data": data(f)}
-        for eid, f in job.events
-    ]
-
-
-def data(fields: dict[str, str]) -> Any:
-    return json.loads(fields["data"])
-
-
-def underivable_events(job: Job) -> list[list[Any]]:
-    """[id, type, data]: ts is the id's milliseconds, v is always 1."""
-    return [[eid, f["type"], data(f)] for eid, f in job.events]
-
-
-def _is_default(v: Any) -> bool:
-    return v in ("", 0, False, {}, None) and v is not True
-
-
-def short_events(job: Job) -> list[Any]:
-    """[first event's ms, [ms after it, id seq, type code, short data (no defaults)], ...]."""
-    base = int(job.events[0][0].split("-")[0])
-    out: list[Any] = [base]
-    for eid, f in job.events:
-        ms, seq = (int(x) for x in eid.split("-"))
-        short = {FIELD_CODES.get(k, k): v for k, v in data(f).items() if not _is_default(v)}
-        out.append([ms - base, seq, TYPE_CODES[f["type"]], *([short] if short else [])])
-    return out
 
 
 def compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def _is_default(v: Any) -> bool:
+    return v is not True and v in ("", 0, False, {}, [], None)
+
+
+def _relative_id(event_id: str, first_ms: int) -> str:
+    ms, seq = event_id.split("-")
+    return f"+{int(ms) - first_ms}" + (f"-{seq}" if seq != "0" else "")
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a packed job's lines are written."""
+
+    compact_data: bool = False
+    no_defaults: bool = False
+    relative_ids: bool = False
+    type_codes: bool = False
+    field_codes: bool = False
+    no_download_url: bool = False
+
+    def data(self, line: Line) -> str:
+        if not (self.compact_data or self.no_defaults or self.field_codes or self.no_download_url):
+            return line.data
+        d = json.loads(line.data)
+        if self.no_defaults:
+            d = {k: v for k, v in d.items() if not _is_default(v)}
+        if self.no_download_url:
+            d.pop("download_url", None)
+        if self.field_codes:
+            d = {FIELD_CODES.get(k, k): v for k, v in d.items()}
+        return compact(d)
+
+    def lines(self, job: Job) -> list[str]:
+        first_ms = int(job.lines[0].id.split("-")[0])
+        out = []
+        for i, line in enumerate(job.lines):
+            eid = _relative_id(line.id, first_ms) if self.relative_ids and i else line.id
+            etype = TYPE_CODES[line.type] if self.type_codes else line.type
+            out.append(f"{eid}\t{etype}\t{self.data(line)}")
+        return out
+
+    def string(self, job: Job) -> str:
+        return "\n".join([job.head, *self.lines(job)])
+
+    def msgpack_doc(self, job: Job) -> list[Any]:
+        """[head, [id, type, data], ...] with data as a JSON value (for cmsgpack)."""
+        rows: list[Any] = [json.loads(job.head)]
+        for text in self.lines(job):
+            eid, etype, data = text.split("\t", 2)
+            rows.append([eid, etype, json.loads(data)])
+        return rows
+
+
+AS_STORED = Packing()
+SHORT = Packing(compact_data=True, no_defaults=True, relative_ids=True, type_codes=True)
+SHORTEST = replace(SHORT, field_codes=True, no_download_url=True)
+
 Writer = Callable[[Any, Job], None]
 
 
-def write_projection(pipe: Any, job: Job) -> None:
-    pipe.hset(job_key(job), mapping=job.projection)
-    pipe.pexpire(job_key(job), RETENTION_MS)
-
-
-def write_state_projection(pipe: Any, job: Job) -> None:
-    state = {k: v for k, v in job.projection.items() if k not in REQUEST_FIELDS}
-    pipe.hset(job_key(job), mapping=state)
-    pipe.pexpire(job_key(job), RETENTION_MS)
-
-
-def write_stream(pipe: Any, job: Job) -> None:
-    for eid, f in job.events:
-        pipe.xadd(events_key(job), f, id=eid)
-    pipe.pexpire(events_key(job), RETENTION_MS)
-
-
-def write_list(encode: Callable[[Job], Sequence[Any]]) -> Writer:
+def write_packed(packing: Packing) -> Writer:
     def write(pipe: Any, job: Job) -> None:
-        pipe.rpush(events_key(job), *(compact(e) for e in encode(job)))
-        pipe.pexpire(events_key(job), RETENTION_MS)
+        pipe.set(KEYS.done(job.id), packing.string(job), px=RETENTION_MS)
 
     return write
 
 
-def write_string(encode: Callable[[Job], Any]) -> Writer:
+def write_msgpack(packing: Packing) -> Writer:
     def write(pipe: Any, job: Job) -> None:
-        pipe.set(events_key(job), compact(encode(job)), px=RETENTION_MS)
+        doc = compact(packing.msgpack_doc(job))
+        pipe.eval(MSGPACK_SET, 1, KEYS.done(job.id), doc, RETENTION_MS)
 
     return write
 
 
-def write_msgpack(pipe: Any, job: Job) -> None:
-    pipe.eval(MSGPACK_SET, 1, events_key(job), compact(short_events(job)), RETENTION_MS)
+def write_index_zset(pipe: Any, job: Job) -> None:
+    pipe.zadd(KEYS.jobs(job.shard), {job.id: job.index_score})
 
 
-def write_global_copy(pipe: Any, job: Job) -> None:
-    for _eid, f in job.events:
-        fields = {"type": f["type"], "job_id": job.id, "ts": f["ts"], "v": f["v"]}
-        pipe.xadd(KEYS.events, {**fields, "data": f["data"]})
+def write_index_stream(pipe: Any, job: Job) -> None:
+    pipe.xadd(KEYS.jobs(job.shard), {"j": job.id})
 
 
-def write_global_reference(pipe: Any, job: Job) -> None:
-    for _eid, f in job.events:
-        pipe.xadd(KEYS.events, {"job_id": job.id, "type": f["type"]})
+def _fingerprint_128(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)[:16]).decode().rstrip("=")
+
+
+def write_idem_hash(pipe: Any, job: Job) -> None:
+    if job.idempotency_key:
+        key = KEYS.idempotency(job.shard, job.idempotency_key)
+        pipe.hset(key, mapping=job.idempotency)
+        pipe.pexpire(key, IDEMPOTENCY_MS)
+
+
+def write_idem_string(short: bool) -> Writer:
+    def write(pipe: Any, job: Job) -> None:
+        if job.idempotency_key:
+            fp = job.idempotency["fingerprint"]
+            value = job.id + (_fingerprint_128(fp) if short else fp)
+            key = KEYS.idempotency(job.shard, job.idempotency_key)
+            pipe.set(key, value, px=IDEMPOTENCY_MS)
+
+    return write
+
+
+def write_stream_copy(pipe: Any, job: Job) -> None:
+    for _eid, fields in job.stream:
+        pipe.xadd(KEYS.events(job.shard), fields)
+
+
+def write_stream_reference(type_codes: bool) -> Writer:
+    def write(pipe: Any, job: Job) -> None:
+        for _eid, f in job.stream:
+            etype = TYPE_CODES[f["t"]] if type_codes else f["t"]
+            pipe.xadd(KEYS.events(job.shard), {"j": f["j"], "t": etype})
+
+    return write
 
 
 def both(*writers: Writer) -> Writer:
@@ -262,72 +311,55 @@ class Variation:
     name: str
     write: Writer
     config: tuple[tuple[str, str], ...] = ()
-    url_chars: int | None = None
 
 
 VARIATIONS = (
-    Variation("events", "STREAM per job (today)", write_stream),
-    *(
-        Variation(
-            "events",
-            f"STREAM per job, stream-node-max-bytes {n}",
-            write_stream,
-            (("stream-node-max-bytes", str(n)),),
-        )
-        for n in (2048, 1024, 512)
-    ),
-    Variation("events", "LIST of JSON events (full)", write_list(full_events)),
-    Variation("events", "LIST of JSON events (short)", write_list(lambda j: short_events(j)[1:])),
-    Variation("events", "STRING, JSON array (full)", write_string(full_events)),
-    Variation("events", "STRING, JSON, no derivable ts/v", write_string(underivable_events)),
-    Variation("events", "STRING, JSON, short names", write_string(short_events)),
-    Variation("events", "STRING, MessagePack, short names", write_msgpack),
-    Variation("projection", "HASH as stored (today)", write_projection),
+    Variation("packed job", "STRING as stored (today)", write_packed(AS_STORED)),
+    Variation("packed job", "data as compact JSON", write_packed(Packing(compact_data=True))),
     Variation(
-        "projection", "HASH forced to hashtable", write_projection, ((HASH_ENTRIES_LIMIT, "0"),)
+        "packed job",
+        "data compact, empty/default values left out",
+        write_packed(Packing(compact_data=True, no_defaults=True)),
     ),
-    Variation("projection", "HASH, 100-char URL", write_projection, url_chars=100),
     Variation(
-        "projection",
-        "HASH, 100-char URL, listpack value limit 256",
-        write_projection,
-        ((HASH_VALUE_LIMIT, "256"),),
-        url_chars=100,
+        "packed job", "event ids as ms after the first", write_packed(Packing(relative_ids=True))
     ),
-    Variation("projection", "HASH without the request fields", write_state_projection),
-    Variation("global stream", "full copy per event (today)", write_global_copy),
-    Variation(
-        "global stream",
-        "full copy per event, stream-node-max-bytes 1024",
-        write_global_copy,
-        (("stream-node-max-bytes", "1024"),),
-    ),
-    Variation("global stream", "reference per event (job_id, type)", write_global_reference),
+    Variation("packed job", "one-letter event types", write_packed(Packing(type_codes=True))),
+    Variation("packed job", "short (all four above)", write_packed(SHORT)),
+    Variation("packed job", "short + short data keys, no download_url", write_packed(SHORTEST)),
+    Variation("packed job", "short, MessagePack", write_msgpack(SHORT)),
+    Variation("job index", "ZSET per shard (today)", write_index_zset),
+    Variation("job index", "STREAM per shard of job ids", write_index_stream),
+    Variation("idempotency", "HASH job_id, fingerprint (today)", write_idem_hash),
+    Variation("idempotency", "STRING id + 64-hex fingerprint", write_idem_string(False)),
+    Variation("idempotency", "STRING id + 128-bit fingerprint", write_idem_string(True)),
+    Variation("shard stream", "copy per event: j, t, d (today)", write_stream_copy),
+    Variation("shard stream", "reference per event: j, t", write_stream_reference(False)),
+    Variation("shard stream", "reference, type code", write_stream_reference(True)),
     Variation(
         "settled job",
-        "today: HASH + STREAM + global copy",
-        both(write_projection, write_stream, write_global_copy),
+        "today: packed + index ZSET (past the stream window)",
+        both(write_packed(AS_STORED), write_index_zset),
     ),
     Variation(
         "settled job",
-        "today, stream-node-max-bytes 1024",
-        both(write_projection, write_stream, write_global_copy),
-        (("stream-node-max-bytes", "1024"),),
+        "today in its first hour: + stream copies",
+        both(write_packed(AS_STORED), write_index_zset, write_stream_copy),
     ),
     Variation(
         "settled job",
-        "HASH + STRING short + global reference",
-        both(write_projection, write_string(short_events), write_global_reference),
+        "short packed + index ZSET",
+        both(write_packed(SHORT), write_index_zset),
     ),
     Variation(
         "settled job",
-        "HASH without request fields + STRING short + global reference",
-        both(write_state_projection, write_string(short_events), write_global_reference),
+        "short packed + index STREAM",
+        both(write_packed(SHORT), write_index_stream),
     ),
     Variation(
         "settled job",
-        "STRING short only (projection folded on read) + global reference",
-        both(write_string(short_events), write_global_reference),
+        "short packed + index STREAM + stream references (first hour)",
+        both(write_packed(SHORT), write_index_stream, write_stream_reference(True)),
     ),
 )
 
@@ -336,18 +368,13 @@ VARIATIONS = (
 
 
 def load_samples(samples: dict[str, list[dict[str, Any]]]) -> dict[str, list[Job]]:
-    return {
-        kind: [
-            Job(s["job_id"], dict(s["projection"]), [(e[0], dict(e[1])) for e in s["events"]])
-            for s in rows
-        ]
-        for kind, rows in samples.items()
-    }
+    return {kind: [Job.from_sample(s) for s in rows] for kind, rows in samples.items()}
 
 
 def mix_jobs(samples: dict[str, list[Job]], cycle: Sequence[str], jobs: int) -> list[Job]:
     """`jobs` jobs in the mix's proportions, the samples of each kind taken in turn, each
-    under a fresh id of the same length."""
+    under a fresh id of the same length (its last character its shard, round robin) and a
+    fresh idempotency key of the same length."""
     taken: Counter[str] = Counter()
     out = []
     for i in range(jobs):
@@ -355,7 +382,9 @@ def mix_jobs(samples: dict[str, list[Job]], cycle: Sequence[str], jobs: int) -> 
         rows = samples[kind]
         job = rows[taken[kind] % len(rows)]
         taken[kind] += 1
-        out.append(job.renamed(f"X{i:0{len(job.id) - 1}d}"))
+        new_id = f"X{i:0{len(job.id) - 2}d}{ALPHABET[i % SHARDS]}"
+        idem = f"k{i:0{max(1, len(job.idempotency_key) - 1)}d}"
+        out.append(job.renamed(new_id, idem))
     return out
 
 
@@ -390,8 +419,6 @@ async def measure(r: StrRedis, variation: Variation, jobs: list[Job]) -> dict[st
     await r.flushall()
     for name, value in variation.config:
         await r.config_set(name, value)
-    if variation.url_chars is not None:
-        jobs = [j.with_url(variation.url_chars) for j in jobs]
     before = await _data_memory(r)
     for start in range(0, len(jobs), BATCH):
         async with r.pipeline(transaction=False) as pipe:
@@ -450,6 +477,7 @@ async def run(
         "mem_allocator": allocator,
         "jobs": jobs,
         "retention_ms": RETENTION_MS,
+        "idempotency_ms": IDEMPOTENCY_MS,
         "variations": results,
     }
 
