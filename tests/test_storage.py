@@ -249,3 +249,14 @@ async def test_new_aggregations_go_where_the_fewest_are(make_config: Any) -> Non
         assert all([await storage.shard_for(a) == s for a, s in placed.items()])
     finally:
         await storage.close()
+
+
+async def test_new_aggregations_spread_even_when_every_queue_is_empty(make_config: Any) -> None:
+    """With no job waiting anywhere (a fast service), new aggregations still spread: a tie goes
+    to the shard where the fewest were placed, so 48 placements are 3 per shard."""
+    storage = await new_storage(make_config)
+    try:
+        shards = [await storage.shard_for(f"e{i}") for i in range(48)]
+        assert sorted(Counter(shards).values()) == [3] * 16
+    finally:
+        await storage.close()

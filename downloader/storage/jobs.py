@@ -42,8 +42,9 @@ class JobStore(StorageBase):
 
     async def shard_for(self, aggr_id: str) -> int:
         """The shard of an aggregation: remembered in `{dir}:aggr:<a>` for 30 days after its
-        last use; a new one goes where the fewest aggregations are (on a cluster: on the master
-        with the fewest, so the load spreads over the masters)."""
+        last use; a new one goes where the fewest aggregations wait, ties to where the fewest
+        were placed (on a cluster: first the master, then its shard), so the load spreads over
+        the shards and masters even when every queue is empty."""
         if not hasattr(self, "_placed"):
             self._placed = OrderedDict()
         hit = self._placed.get(aggr_id)
@@ -54,7 +55,8 @@ class JobStore(StorageBase):
         found = await self.r.get(key)
         if found is None:
             choice = await self._least_loaded_shard()
-            await self.r.set(key, choice, nx=True, px=DIRECTORY_TTL_MS)
+            if await self.r.set(key, choice, nx=True, px=DIRECTORY_TTL_MS):
+                await self.r.hincrby(self.keys.placements, str(choice), 1)
             found = await self.r.get(key)  # ours, or another API's that placed it first
         else:
             await self.r.pexpire(key, DIRECTORY_TTL_MS)
@@ -69,18 +71,23 @@ class JobStore(StorageBase):
         counts = await self._per_shard(
             "zcard", [self.keys.aggregations(s) for s in self.all_shards]
         )
-        by_shard = {s: int(n) for s, n in zip(self.all_shards, counts, strict=True)}
+        placed = await self.r.hgetall(self.keys.placements)
+        load = {
+            s: (int(n), int(placed.get(str(s), 0)))
+            for s, n in zip(self.all_shards, counts, strict=True)
+        }
         candidates = list(self.all_shards)
         if self.cluster:
             node_of = {s: self.r.get_node_from_key(self.keys.events(s)).name for s in candidates}
-            load: dict[str, int] = {}
-            for s, n in by_shard.items():
-                load[node_of[s]] = load.get(node_of[s], 0) + n
-            lightest = min(load.values())
-            node = random.choice([name for name, n in load.items() if n == lightest])
+            by_node: dict[str, tuple[int, int]] = {}
+            for s, (waiting, placements) in load.items():
+                w, p = by_node.get(node_of[s], (0, 0))
+                by_node[node_of[s]] = (w + waiting, p + placements)
+            lightest = min(by_node.values())
+            node = random.choice([name for name, n in by_node.items() if n == lightest])
             candidates = [s for s in candidates if node_of[s] == node]
-        fewest = min(by_shard[s] for s in candidates)
-        return random.choice([s for s in candidates if by_shard[s] == fewest])
+        fewest = min(load[s] for s in candidates)
+        return random.choice([s for s in candidates if load[s] == fewest])
 
     async def _per_shard(self, command: str, keys: Sequence[str]) -> list[Any]:
         """One keyed command per key, in one pipeline (one round trip per node)."""

@@ -23,6 +23,7 @@ of a shard run in one Redis Cluster slot; a few service-wide keys have tags of t
     <prefix>:{meta}:layout               hash    the data's layout: shards, model
     <prefix>:{dir}:aggr:<a>              string  the shard of an aggregation (placement)
     <prefix>:{dir}:idem:<key>            string  the job an Idempotency-Key was first used for
+    <prefix>:{dir}:placements            hash    shard -> aggregations placed there (ties)
     <prefix>:{rate:<token>}              hash    a token's request bucket
 """
 
@@ -158,6 +159,10 @@ class Keys:
 
     def directory(self, aggr_id: str) -> str:
         return f"{self.prefix}:{{dir}}:aggr:{aggr_id}"
+
+    @property
+    def placements(self) -> str:
+        return f"{self.prefix}:{{dir}}:placements"
 
     def idempotency_owner(self, key: str) -> str:
         return f"{self.prefix}:{{dir}}:idem:{key}"
