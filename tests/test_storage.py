@@ -71,7 +71,7 @@ async def test_every_key_of_a_job_is_one_keys_names_in_its_shards_slot(
             k.wake(shard),
         }
         written = set(await redis_client.keys("*"))
-        assert written == expected | {k.directory("ag")}
+        assert written == expected | {k.directory("ag"), k.placements}
         assert len({key_slot(key.encode()) for key in expected}) == 1
     finally:
         await storage.close()

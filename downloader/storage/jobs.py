@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from downloader.config import Config
 from downloader.errors import (
     CallbackNotFailed,
     DownloadEnded,
@@ -36,7 +37,11 @@ _PLACED_FOR_S = 3600.0  # an API refreshes what it remembers (and the key's TTL)
 
 @guarded
 class JobStore(StorageBase):
-    _placed: OrderedDict[str, tuple[int, float]]
+    """Accepting jobs, reading them, and what the API does to them."""
+
+    def __init__(self, client: Any, config: Config) -> None:
+        super().__init__(client, config)
+        self._placed: OrderedDict[str, tuple[int, float]] = OrderedDict()  # aggr -> shard, when
 
     # -- where an aggregation lives -------------------------------------------------------------
 
@@ -45,8 +50,6 @@ class JobStore(StorageBase):
         last use; a new one goes where the fewest aggregations wait, ties to where the fewest
         were placed (on a cluster: first the master, then its shard), so the load spreads over
         the shards and masters even when every queue is empty."""
-        if not hasattr(self, "_placed"):
-            self._placed = OrderedDict()
         hit = self._placed.get(aggr_id)
         if hit is not None and time.monotonic() - hit[1] < _PLACED_FOR_S:
             self._placed.move_to_end(aggr_id)
