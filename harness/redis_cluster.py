@@ -336,6 +336,7 @@ class ClusterGroup:
         slot as the others, and no live node flagged failed."""
         live = [m for m in self.members if m.alive]
         owners: dict[int, str] | None = None
+        roles: dict[str, tuple[bool, str | None]] = {}
         for m in live:
             async with m.admin() as r:
                 info = await r.execute_command("CLUSTER", "INFO")
@@ -349,10 +350,15 @@ class ClusterGroup:
                 if other.id not in views or views[other.id].failed:
                     return f"{m.name} does not see {other.name} up"
             seen = {s: v.id for v in views.values() if v.is_master for s in v.slots}
+            # and who replicates whom: a restarted old master is a master in the views of
+            # nodes its demotion has not reached by gossip yet
+            links = {o.id: (views[o.id].is_master, views[o.id].master_id) for o in live}
             if owners is None:
-                owners = seen
+                owners, roles = seen, links
             elif seen != owners:
                 return f"{m.name} disagrees with {live[0].name} on who serves some slots"
+            elif links != roles:
+                return f"{m.name} disagrees with {live[0].name} on who replicates whom"
         return None
 
     # -- failover --------------------------------------------------------------------------
