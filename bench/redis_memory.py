@@ -109,6 +109,9 @@ KINDS = (
     ("packed job", (_any(KEYS.done(_ID), _ID),)),
     ("shard streams", (_any(KEYS.events(0)),)),
     ("job index", (_any(KEYS.jobs(0)),)),
+    # {dir}:idem:<key> (the job a key was first used for, service-wide) before the shard's
+    # idem:<key> hash: with hash tags written {*} the hash's pattern matches both
+    ("idempotency owner", (KEYS.idempotency_owner("*"),)),
     ("idempotency", (_any(KEYS.idempotency(0, "*")),)),
     ("reap queue", (_any(KEYS.reap(0)),)),
     (
@@ -132,6 +135,7 @@ KINDS = (
 FREE_ORDER = (
     "shard streams",
     "idempotency",
+    "idempotency owner",
     "job index",
     "reap queue",
     "packed job",
@@ -154,7 +158,8 @@ def kind_of(key: str) -> str:
     """The kind of a key (KINDS), or its name with hash tags elided."""
     name = HASH_TAG.sub("{*}", key)
     for kind, patterns in KINDS:
-        if any(fnmatchcase(name, p) for p in patterns):
+        # a pattern naming its tag ({dir}) matches the key itself
+        if any(fnmatchcase(name, p) or fnmatchcase(key, p) for p in patterns):
             return kind
     return name
 
@@ -377,18 +382,27 @@ def split_by_kind(
 
 async def trim_streams_past_window(r: StrRedis, config: Config) -> dict[str, int]:
     """Trim every shard stream as the service's upkeep does (Storage.trim, trim.lua) with a
-    clock one window + 1 s ahead: every event of the run is out of its window. The job index
-    is left alone (its entries are far younger than the retention period)."""
+    clock one window + 1 s ahead: every event of the run is out of its window. One call trims
+    at most 100 nodes of a stream (XTRIM's default LIMIT with `~`); the upkeep calls again every
+    10 s, here at once until a call trims nothing. The job index is left alone (its entries are
+    far younger than the retention period)."""
     storage = Storage(connect(config), config)
-    ahead_ms = int(time.time() * 1000) + int(EVENTS.stream_window_minutes * 60_000) + 1000
     window_ms = int(EVENTS.stream_window_minutes * 60_000)
+    ahead_ms = int(time.time() * 1000) + window_ms + 1000
+    trimmed = removed = calls = 0
     try:
-        trims = [await storage.trim(s, window_ms, ahead_ms) for s in range(SHARDS)]
+        for s in range(SHARDS):
+            while True:
+                entries, index = await storage.trim(s, window_ms, ahead_ms)
+                trimmed, removed, calls = trimmed + entries, removed + index, calls + 1
+                if entries == 0:
+                    break
     finally:
         await storage.close()
     return {
-        "entries_trimmed": sum(t[0] for t in trims),
-        "index_entries_removed": sum(t[1] for t in trims),
+        "entries_trimmed": trimmed,
+        "index_entries_removed": removed,
+        "trim_calls": calls,
         "entries_left": await _sum_over_shards(r, "xlen", KEYS.events),
     }
 
@@ -606,15 +620,15 @@ def sizing(settled: dict[str, Any], live: dict[str, Any] | None) -> dict[str, An
       - the jobs of the last notifier.deletion_interval (60 min) live, each as a success
         waiting for its file's deletion (projection hash + event list + reap entry; a failed
         download settles at once, so this is an upper bound);
-      - the idempotency keys of a day of jobs (api.idempotency_window_seconds, when clients
-        send one);
+      - the idempotency keys of a day of jobs, the shard's hash and the {dir} owner string
+        (api.idempotency_window_seconds, when clients send one);
       - the shard streams: every event of the last stream_window_minutes, up to stream_maxlen
         entries per shard (the jobs spread evenly over the shards).
     Capped streams (wake), aggregations and stats are a fixed few MB, left out."""
     kinds = settled["by_kind"]
     packed = kinds["packed job"]["used_memory_per_job"]
     index = kinds["job index"]["used_memory_per_job"]
-    idem = kinds["idempotency"]["used_memory_per_job"]
+    idem = sum(kinds[k]["used_memory_per_job"] for k in ("idempotency", "idempotency owner"))
     live_job = live["live_job_bytes"] if live else 0.0
     stream_entry = settled["stream_bytes_per_entry"]
     window_h = EVENTS.stream_window_minutes / 60

@@ -170,6 +170,14 @@ class Peers:
             await self._arrived.wait_for(lambda: ids <= self.callbacks.keys())
 
 
+START_LINES = {
+    "api": b"api listening",
+    "processor": b"processor started",
+    "notifier": b"notifier started",
+}
+"""What each role logs once it is up (cli.py, processor.py, notifier.py)."""
+
+
 class Proc:
     """One `downloader <role>` OS process that can be SIGKILLed and started again."""
 
@@ -178,6 +186,7 @@ class Proc:
         self.port = free_port() if role == "api" else None
         self.log_path = workdir / f"{role}-{index}.log"
         self.popen: subprocess.Popen[bytes] | None = None
+        self.log_offset = 0
 
     @property
     def name(self) -> str:
@@ -188,6 +197,8 @@ class Proc:
         if self.port is not None:
             args += ["--host", "127.0.0.1", "--port", str(self.port)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with contextlib.suppress(FileNotFoundError):
+            self.log_offset = self.log_path.stat().st_size  # this run's lines start here
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
@@ -195,6 +206,14 @@ class Proc:
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
+
+    def started(self) -> bool:
+        """This run has logged its role's start line (its signal handlers are installed: a
+        SIGTERM before that kills a process still importing, which is not a graceful stop)."""
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            return START_LINES[self.role] in f.read()
+        return False
 
     def kill(self) -> None:
         assert self.popen is not None
@@ -303,6 +322,7 @@ class Chaos:
                     await self.peers.wait_callbacks(ids, self.spec.drain_timeout_s)
                     drain_s = max(0.0, self.peers.last_callback_at - self.last_kill_at)
                 result = await self._verify(http, submit_s, drain_s, time.monotonic() - started)
+            await self._wait_started()
             for p in self.procs:  # SIGTERM: a graceful stop exits 0 (README, Processes)
                 if (code := p.stop()) != 0:
                     result.problems.append(f"{p.name} exited {code} on SIGTERM:\n{p.log_tail()}")
@@ -383,6 +403,15 @@ class Chaos:
                 p.start()
 
     # -- readiness and verification -----------------------------------------------------------
+
+    async def _wait_started(self, timeout_s: float = 30.0) -> None:
+        """Every running process, restarted by the killer a moment ago too, got past its start
+        (other OS processes: a bounded poll of their logs)."""
+        deadline = time.monotonic() + timeout_s
+        while any(p.alive() and not p.started() for p in self.procs):
+            if time.monotonic() > deadline:
+                return  # the SIGTERM check below names the process
+            await asyncio.sleep(0.05)
 
     async def _wait_ready(self, http: aiohttp.ClientSession, timeout_s: float = 60.0) -> None:
         """Both APIs answer /hb and every processor and notifier published its stats (other OS
