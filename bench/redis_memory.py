@@ -68,6 +68,7 @@ from experiments import event_encodings
 
 from downloader.config import Config, EventsConfig, NotifierConfig, RedisConfig
 from downloader.embedded import find_redis_server
+from downloader.events import unpack_lines
 from downloader.ids import shard_of
 from downloader.storage import Keys, Storage, connect
 from harness.redis_nodes import StrRedis
@@ -482,7 +483,7 @@ async def sample_jobs(
         row: dict[str, Any] = {"job_id": job_id}
         if packed is not None:
             row.update(packed=packed, pttl_ms=await r.pttl(KEYS.done(job_id)))
-            lines = packed.split("\n")[1:]
+            lines = unpack_lines(packed)
         else:
             lines = await r.lrange(KEYS.ev(job_id), 0, -1)
             row.update(projection=await r.hgetall(KEYS.job(job_id)), events=lines)

@@ -198,6 +198,43 @@ def parse_event(event_id: str, fields: dict[str, str]) -> JobEvent:
     return _event(event_id, fields["t"], fields["j"], fields.get("d", ""))
 
 
+PACKED_TYPE_CODES: dict[str, str] = {
+    EventType.JOB_ACCEPTED: "a",
+    EventType.DOWNLOAD_STARTED: "s",
+    EventType.DOWNLOAD_REQUEUED: "q",
+    EventType.DOWNLOAD_RETRY_SCHEDULED: "r",
+    EventType.DOWNLOAD_SUCCEEDED: "S",
+    EventType.DOWNLOAD_FAILED: "F",
+    EventType.JOB_ABORTED: "x",
+    EventType.CALLBACK_ATTEMPTED: "c",
+    EventType.CALLBACK_RETRY_SCHEDULED: "R",
+    EventType.CALLBACK_DELIVERED: "C",
+    EventType.CALLBACK_FAILED: "E",
+    EventType.CALLBACK_REQUEUED: "Q",
+    EventType.FILE_DELETED: "d",
+}
+"""An event type's code in a packed job (prelude.lua's TYPE_CODE, its twin)."""
+_TYPE_OF_CODE = {code: str(etype) for etype, code in PACKED_TYPE_CODES.items()}
+
+
+def unpack_lines(packed: str) -> list[str]:
+    """The event lines of a packed job (`done:<id>`) as they were live: its first line (the
+    sealed fields) dropped, every type code spelled out, every `+<ms>[-<seq>]` id made whole
+    again (prelude.lua's pack_line writes them; lines packed before are whole already)."""
+    out: list[str] = []
+    ms = 0
+    for line in packed.split("\n")[1:]:
+        event_id, code, data = line.split("\t", 2)
+        if event_id.startswith("+"):
+            delta, _, seq = event_id[1:].partition("-")
+            ms += int(delta)
+            event_id = f"{ms}-{seq or 0}"
+        else:
+            ms = int(event_id.split("-", 1)[0])
+        out.append(f"{event_id}\t{_TYPE_OF_CODE.get(code, code)}\t{data}")
+    return out
+
+
 def parse_line(line: str, job_id: str) -> JobEvent:
     """A line of a job's own events (`<id>\t<type>\t<data JSON>`)."""
     event_id, etype, data_json = line.split("\t", 2)

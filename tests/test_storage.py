@@ -4,17 +4,27 @@ settled job, placing aggregations."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from redis.crc import key_slot
 
+from downloader.events import PACKED_TYPE_CODES
 from downloader.ids import new_job_id, shard_of
 from downloader.models import parse_download_request
 from downloader.storage import Storage, connect
-from downloader.vocabulary import CallbackOutcome, DownloadOutcome, DownloadState, FileState
+from downloader.vocabulary import (
+    CallbackOutcome,
+    DownloadOutcome,
+    DownloadState,
+    EventType,
+    FileState,
+)
 from harness.redis_nodes import StrRedis
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def new_storage(make_config: Any) -> Storage:
@@ -221,6 +231,11 @@ async def test_a_settled_job_is_packed_into_one_key_and_still_reads_the_same(
         assert await redis_client.exists(k.job(job_id), k.ev(job_id)) == 0
         assert await redis_client.type(k.done(job_id)) == "string"
         assert 0 < await redis_client.pttl(k.done(job_id)) <= storage.retention_ms
+        # short lines: the first event's id whole, then ms after the one before; type codes
+        _head, *lines = (await redis_client.get(k.done(job_id))).split("\n")
+        assert [line.split("\t")[1] for line in lines] == ["a", "s", "F", "c", "E"], lines
+        assert lines[0].split("\t")[0] == live_events[0]["id"]
+        assert all(line.startswith("+") for line in lines[1:]), lines
         packed = await storage.get_job(job_id)
         assert packed.callback_state == "Failed" and packed.delivery_error == "gone"
         assert (packed.id, packed.url, packed.created_at) == (live.id, live.url, live.created_at)
@@ -235,6 +250,63 @@ async def test_a_settled_job_is_packed_into_one_key_and_still_reads_the_same(
         assert [e.as_json() for e in await storage.get_events(job_id)][: len(events)] == events
     finally:
         await storage.close()
+
+
+async def test_packed_lines_read_the_same_by_view_and_events_old_and_new(
+    make_config: Any, redis_client: StrRedis
+) -> None:
+    """The two readers of a packed job, view.lua (GET /jobs/{id}) and Python (its events),
+    spell a short packed job out the same: ids after the first rebuilt from their ms offsets,
+    a sequence number kept (`+0-1`), type codes spelled out, an unknown type kept; a job packed
+    before lines were short (whole lines) reads as it was."""
+    storage = await new_storage(make_config)
+    try:
+        job_id = await submit(storage, "pl")
+        k = storage.keys
+        accepted = (await redis_client.lrange(k.ev(job_id), 0, -1))[0]
+        first_id, _, data = accepted.split("\t", 2)
+        ms = int(first_id.split("-")[0])
+        whole = [
+            f"{first_id}\tjob.accepted\t{data}",
+            f'{ms + 5}-0\tdownload.started\t{{"attempt":1}}',
+            f'{ms + 5}-1\tjob.aborted\t{{"reason":"by hand"}}',
+            f'{ms + 5}-2\tcallback.attempted\t{{"attempt":1}}',
+            f'{ms + 9}-0\tsomething.new\t{{"x":1}}',
+            f'{ms + 70}-0\tcallback.delivered\t{{"attempt":1}}',
+        ]
+        short = [
+            f"{first_id}\ta\t{data}",
+            '+5\ts\t{"attempt":1}',
+            '+0-1\tx\t{"reason":"by hand"}',
+            '+0-2\tc\t{"attempt":1}',
+            '+4\tsomething.new\t{"x":1}',
+            '+61\tC\t{"attempt":1}',
+        ]
+        await redis_client.delete(k.job(job_id), k.ev(job_id))
+        seen = []
+        for lines in (short, whole):
+            await redis_client.set(k.done(job_id), "\n".join(["{}", *lines]))
+            events = [e.as_json() for e in await storage.get_events(job_id)]
+            assert [(e["id"], e["type"]) for e in events] == [
+                tuple(line.split("\t")[:2]) for line in whole
+            ]
+            job = await storage.get_job(job_id)
+            assert (job.download_state, job.callback_state) == ("Failed", "Success")  # folded
+            seen.append((events, job))
+        assert seen[0] == seen[1]
+    finally:
+        await storage.close()
+
+
+def test_packed_type_codes_are_twins_in_lua_and_python() -> None:
+    """prelude.lua's TYPE_CODE and events.PACKED_TYPE_CODES give every event type the same
+    code, one code per type."""
+    prelude = (ROOT / "downloader" / "scripts" / "prelude.lua").read_text()
+    table = prelude.split("local TYPE_CODE = {", 1)[1].split("}", 1)[0]
+    lua = dict(re.findall(r"\['([a-z._]+)'\] = '(\w+)'", table))
+    assert lua == {str(t): c for t, c in PACKED_TYPE_CODES.items()}
+    assert set(lua) == {str(t) for t in EventType}
+    assert len(set(lua.values())) == len(lua)
 
 
 async def test_new_aggregations_go_where_the_fewest_are(make_config: Any) -> None:

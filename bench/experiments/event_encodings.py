@@ -10,12 +10,14 @@ idempotency key). Bytes per job = growth of used_memory (less client buffers) / 
 sum of `MEMORY USAGE <key> SAMPLES 0` over the keyspace / jobs. Between variations: FLUSHALL and
 the server's default settings back.
 
-Variations (the first of each group is what the service stores today):
-  packed job: the STRING as stored (`{sealed}\n<id>\t<type>\t<data JSON>` lines); every
+Variations (the first of each group is what the service stored before this work; "today" marks
+what it stores now):
+  packed job: the STRING of whole lines (`{sealed}\n<id>\t<type>\t<data JSON>` lines); every
     event's data as compact JSON (processor and notifier events are written with `", "` and
     `": "`); what is empty or default left out of the data (`aggr_proxy ""`, `mime_type ""`,
-    `request_headers {}`, ...); event ids after the first as ms after it (`+6`, `+6-1`); one- or
-    two-letter event types; all four ("short"); short, plus short data keys and without the
+    `request_headers {}`, ...); event ids after the first as ms after the one before (`+6`,
+    `+0-1`); one-letter event types; those two, as the service packs today; all four
+    ("short"); short, plus short data keys and without the
     `download_url` (derivable from the id); short as MessagePack (Lua's cmsgpack, so a script
     could write it).
   job index: the ZSET per shard (id -> creation ms), a STREAM per shard of job ids.
@@ -52,6 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script: the repository for harness/dow
 
 from downloader.config import ApiConfig, EventsConfig, RedisConfig  # noqa: E402
 from downloader.embedded import find_redis_server  # noqa: E402
+from downloader.events import PACKED_TYPE_CODES, unpack_lines  # noqa: E402
 from downloader.ids import ALPHABET, shard_of  # noqa: E402
 from downloader.storage import Keys  # noqa: E402
 from harness.redis_nodes import StrRedis  # noqa: E402
@@ -63,21 +66,7 @@ SHARDS = RedisConfig().shards
 KEYS = Keys(RedisConfig().key_prefix, SHARDS)
 BATCH = 200  # jobs per pipeline
 
-TYPE_CODES = {
-    "job.accepted": "a",
-    "download.started": "s",
-    "download.requeued": "q",
-    "download.retry_scheduled": "r",
-    "download.succeeded": "S",
-    "download.failed": "F",
-    "job.aborted": "x",
-    "callback.attempted": "c",
-    "callback.retry_scheduled": "cr",
-    "callback.delivered": "C",
-    "callback.failed": "CF",
-    "callback.requeued": "cq",
-    "file.deleted": "d",
-}
+TYPE_CODES = {str(t): c for t, c in PACKED_TYPE_CODES.items()}  # as the service packs
 FIELD_CODES = {
     "aggr_id": "a",
     "aggr_limit": "l",
@@ -134,8 +123,8 @@ class Job:
 
     @classmethod
     def from_sample(cls, s: dict[str, Any]) -> Job:
-        head, *rows = s["packed"].split("\n")
-        lines = tuple(Line(*row.split("\t", 2)) for row in rows)
+        head = s["packed"].split("\n", 1)[0]  # lines whole again, however they were packed
+        lines = tuple(Line(*row.split("\t", 2)) for row in unpack_lines(s["packed"]))
         idem_name = s["idempotency_key"].split(":idem:", 1)[1] if s["idempotency_key"] else ""
         return cls(
             s["job_id"],
@@ -182,9 +171,9 @@ def _is_default(v: Any) -> bool:
     return v is not True and v in ("", 0, False, {}, [], None)
 
 
-def _relative_id(event_id: str, first_ms: int) -> str:
+def _relative_id(event_id: str, prev_ms: int) -> str:
     ms, seq = event_id.split("-")
-    return f"+{int(ms) - first_ms}" + (f"-{seq}" if seq != "0" else "")
+    return f"+{int(ms) - prev_ms}" + (f"-{seq}" if seq != "0" else "")
 
 
 @dataclass(frozen=True)
@@ -211,10 +200,11 @@ class Packing:
         return compact(d)
 
     def lines(self, job: Job) -> list[str]:
-        first_ms = int(job.lines[0].id.split("-")[0])
+        prev_ms = int(job.lines[0].id.split("-")[0])
         out = []
         for i, line in enumerate(job.lines):
-            eid = _relative_id(line.id, first_ms) if self.relative_ids and i else line.id
+            eid = _relative_id(line.id, prev_ms) if self.relative_ids and i else line.id
+            prev_ms = int(line.id.split("-")[0])
             etype = TYPE_CODES[line.type] if self.type_codes else line.type
             out.append(f"{eid}\t{etype}\t{self.data(line)}")
         return out
@@ -231,7 +221,8 @@ class Packing:
         return rows
 
 
-AS_STORED = Packing()
+WHOLE = Packing()  # before: lines as they are live
+AS_STORED = Packing(relative_ids=True, type_codes=True)  # prelude.lua's pack_line
 SHORT = Packing(compact_data=True, no_defaults=True, relative_ids=True, type_codes=True)
 SHORTEST = replace(SHORT, field_codes=True, no_download_url=True)
 
@@ -314,7 +305,7 @@ class Variation:
 
 
 VARIATIONS = (
-    Variation("packed job", "STRING as stored (today)", write_packed(AS_STORED)),
+    Variation("packed job", "STRING of whole lines (before)", write_packed(WHOLE)),
     Variation("packed job", "data as compact JSON", write_packed(Packing(compact_data=True))),
     Variation(
         "packed job",
@@ -322,9 +313,12 @@ VARIATIONS = (
         write_packed(Packing(compact_data=True, no_defaults=True)),
     ),
     Variation(
-        "packed job", "event ids as ms after the first", write_packed(Packing(relative_ids=True))
+        "packed job",
+        "event ids as ms after the one before",
+        write_packed(Packing(relative_ids=True)),
     ),
     Variation("packed job", "one-letter event types", write_packed(Packing(type_codes=True))),
+    Variation("packed job", "ids + types short: as stored (today)", write_packed(AS_STORED)),
     Variation("packed job", "short (all four above)", write_packed(SHORT)),
     Variation("packed job", "short + short data keys, no download_url", write_packed(SHORTEST)),
     Variation("packed job", "short, MessagePack", write_msgpack(SHORT)),

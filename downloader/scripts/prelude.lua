@@ -166,8 +166,45 @@ local SEALED = {
 -- `<id>\t<type>\t<data JSON>` line each). A settled job is packed into one string, done:<id>:
 -- the JSON object of its sealed fields, then its event lines, separated by newlines (JSON
 -- escapes both separators), expiring after the retention period. Its projection is folded from
--- the events when asked for (view.lua): no field is kept twice.
+-- the events when asked for (view.lua): no field is kept twice. Packed lines are short: an
+-- event type is its code (TYPE_CODE), an event id after the first is `+<ms after the one
+-- before>`, with `-<seq>` when its sequence number is not 0 (`+0-1`). Their twins, which read
+-- packed jobs for GET /jobs/{id}/events: events.PACKED_TYPE_CODES and events.unpack_lines.
 local SETTLED = {}  -- job ids settled by the events of this script run: packed by done()
+local TYPE_CODE = {
+  ['job.accepted'] = 'a', ['download.started'] = 's', ['download.requeued'] = 'q',
+  ['download.retry_scheduled'] = 'r', ['download.succeeded'] = 'S', ['download.failed'] = 'F',
+  ['job.aborted'] = 'x', ['callback.attempted'] = 'c', ['callback.retry_scheduled'] = 'R',
+  ['callback.delivered'] = 'C', ['callback.failed'] = 'E', ['callback.requeued'] = 'Q',
+  ['file.deleted'] = 'd',
+}
+local TYPE_OF = {}
+for etype, code in pairs(TYPE_CODE) do TYPE_OF[code] = etype end
+
+-- A line as packed; `prev_ms`: the ms of the event before (nil for the first).
+local function pack_line(line, prev_ms)
+  local id, etype, data = string.match(line, '^([^\t]*)\t([^\t]*)\t(.*)$')
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  ms = tonumber(ms)
+  if prev_ms and ms >= prev_ms then
+    id = '+' .. string.format('%d', ms - prev_ms) .. (seq ~= '0' and ('-' .. seq) or '')
+  end
+  return id .. '\t' .. (TYPE_CODE[etype] or etype) .. '\t' .. data, ms
+end
+
+-- A packed line as it was live (a line packed before lines were short passes unchanged).
+local function unpack_line(line, prev_ms)
+  local id, code, data = string.match(line, '^([^\t]*)\t([^\t]*)\t(.*)$')
+  local delta, seq = string.match(id, '^%+(%d+)%-?(%d*)$')
+  local ms
+  if delta then
+    ms = prev_ms + tonumber(delta)
+    id = string.format('%d', ms) .. '-' .. (seq ~= '' and seq or '0')
+  else
+    ms = tonumber(string.match(id, '^(%d+)'))
+  end
+  return id .. '\t' .. (TYPE_OF[code] or code) .. '\t' .. data, ms
+end
 
 -- Append one event to the shard's stream (its id) and to the job's list, and fold it into the
 -- projection. `data_json` is the event's data as JSON text (kept verbatim); returns the event id.
@@ -192,6 +229,8 @@ local function pack(job_id)
     if value then sealed[field] = value end
   end
   local lines = redis.call('LRANGE', ev_key, 0, -1)
+  local ms
+  for i, line in ipairs(lines) do lines[i], ms = pack_line(line, ms) end
   local head = next(sealed) and cjson.encode(sealed) or '{}'
   redis.call('SET', KEY.done(job_id), head .. '\n' .. table.concat(lines, '\n'),
     'PX', SETTINGS.retention_ms)
@@ -208,9 +247,10 @@ end
 local function unpack_done(job_id)
   local packed = redis.call('GET', KEY.done(job_id))
   if not packed then return nil end
-  local lines = {}
+  local lines, ms = {}, nil
   for line in string.gmatch(packed, '[^\n]+') do lines[#lines + 1] = line end
   local sealed = cjson.decode(table.remove(lines, 1))
+  for i, line in ipairs(lines) do lines[i], ms = unpack_line(line, ms) end
   return lines, sealed
 end
 

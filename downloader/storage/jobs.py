@@ -21,7 +21,7 @@ from downloader.errors import (
     ProxyConflict,
     TooManyAggregations,
 )
-from downloader.events import JobEvent, parse_line
+from downloader.events import JobEvent, parse_line, unpack_lines
 from downloader.ids import shard_of
 from downloader.jobs import Job
 from downloader.redact import url_without_password
@@ -219,7 +219,7 @@ class JobStore(StorageBase):
             p.get(self.keys.done(job_id))
             lines, packed = await p.execute()
         if not lines and packed:
-            lines = packed.split("\n")[1:]
+            lines = unpack_lines(packed)
         if not lines:
             raise JobNotFound(job_id)
         return [parse_line(line, job_id) for line in lines]
