@@ -314,27 +314,11 @@ async def hashtable_overhead(r: StrRedis) -> dict[str, int]:
 async def keyspace(r: StrRedis) -> dict[str, dict[str, Any]]:
     """{kind: {keys, memory_usage (sum of MEMORY USAGE SAMPLES 0), encodings}} over a SCAN."""
     out: dict[str, dict[str, Any]] = {}
-    cursor = 0
-    while True:
-        cursor, keys = await r.scan(cursor, count=1000)
-        if keys:
-            async with r.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.memory_usage(key, samples=0)
-                    pipe.object("encoding", key)
-                replies = await pipe.execute()
-            for i, key in enumerate(keys):
-                usage, encoding = replies[2 * i], replies[2 * i + 1]
-                if usage is None:  # expired or deleted between SCAN and MEMORY USAGE
-                    continue
-                row = out.setdefault(
-                    kind_of(key), {"keys": 0, "memory_usage": 0, "encodings": Counter()}
-                )
-                row["keys"] += 1
-                row["memory_usage"] += int(usage)
-                row["encodings"][encoding] += 1
-        if cursor == 0:
-            break
+    async for key, usage, encoding in event_encodings.memory_usage_by_key(r):
+        row = out.setdefault(kind_of(key), {"keys": 0, "memory_usage": 0, "encodings": Counter()})
+        row["keys"] += 1
+        row["memory_usage"] += usage
+        row["encodings"][encoding] += 1
     for row in out.values():
         row["encodings"] = dict(row["encodings"])
     return out
