@@ -39,16 +39,16 @@ __all__ = [
 
 ENV_PREFIX = "DOWNLOADER__"
 
-_BUCKET_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
-_IPV4_SHAPE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+_BUCKET_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
+_IPV4_SHAPE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}\Z")
 # AWS reserves these for access points, Object Lambda, directory and table buckets
 _RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 # AWS names regions like eu-west-1 or us-gov-east-1; S3-compatible stores use e.g. "auto", "nyc3"
-_REGION = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+_REGION = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*\Z")
 REGION_MAX = 32
-_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_KAFKA_TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}\*?$")
+_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
+_KAFKA_TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}\*?\Z")
 
 
 def is_bucket_name(name: str) -> bool:
@@ -104,7 +104,7 @@ def _host_port(addr: str, default_port: int) -> tuple[str, int]:
     return host or "127.0.0.1", number
 
 
-_ORIGIN = re.compile(r"^(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?/?$")
+_ORIGIN = re.compile(r"^(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?/?\Z")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
@@ -198,8 +198,8 @@ class RedisConfig(_Section):
         return _host_port(self.addr, 6379)
 
 
-_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def _signing_secret(v: str | None) -> str | None:

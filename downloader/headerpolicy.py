@@ -7,7 +7,7 @@ import re
 
 __all__ = ["HEADER_NAME", "forbidden_header", "header_problem"]
 
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 """An HTTP field name: one RFC 9110 token."""
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # a tab is allowed in a value
 

@@ -10,7 +10,7 @@ import string
 __all__ = ["ALPHABET", "is_job_id", "new_job_id", "shard_of"]
 
 ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase
-_SHAPE = re.compile(r"^[A-Za-z0-9]{14}$")
+_SHAPE = re.compile(r"^[A-Za-z0-9]{14}\Z")
 
 
 def new_job_id(shard: int) -> str:

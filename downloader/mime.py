@@ -14,7 +14,7 @@ __all__ = ["SNIFF_BYTES", "MimePattern", "sniff"]
 SNIFF_BYTES = 8192
 """How much of the body libmagic sees; enough for every format we verify."""
 
-_PART = re.compile(r"^(!?)([A-Za-z0-9!#$&^_.+*?-]+)/([A-Za-z0-9!#$&^_.+*?-]+)$")
+_PART = re.compile(r"^(!?)([A-Za-z0-9!#$&^_.+*?-]+)/([A-Za-z0-9!#$&^_.+*?-]+)\Z")
 _local = threading.local()
 
 

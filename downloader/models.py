@@ -34,7 +34,7 @@ __all__ = [
     "parse_download_request",
 ]
 
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 INT32_MAX = 2**31 - 1
 """The largest aggr_limit or max_retries taken: what the original's clients can send it."""
@@ -88,8 +88,8 @@ def has_userinfo(url: URL) -> bool:
     return url.raw_user is not None or url.raw_password is not None
 
 
-_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
-_NUMERIC = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
+_NUMERIC = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)\Z")
 
 
 def _check_host(host: str) -> None:

@@ -45,8 +45,8 @@ __all__ = ["METADATA_MAX_BYTES", "S3Store", "classify_s3_error", "user_metadata"
 
 METADATA_MAX_BYTES = 2048
 """S3's limit on user metadata: the UTF-8 bytes of every key and value, summed."""
-_HEADER_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
+_HEADER_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*\Z")
 
 # S3 error codes that mean "this bucket or these credentials will not take the object": retrying
 # cannot help. Any other 4xx is also permanent, except the throttling/timeout codes below.

@@ -224,6 +224,12 @@ class Submitter:
     ids: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
     unavailable: int = 0  # 503 answers
     replayed: int = 0  # retries answered "Idempotent-Replayed"
+    _accepted: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def accepted(self, n: int, timeout_s: float = 60.0) -> None:
+        """Until this client has had `n` POSTs accepted (201), counting every submit."""
+        async with asyncio.timeout(timeout_s), self._accepted:
+            await self._accepted.wait_for(lambda: len(self.ids) >= n)
 
     async def submit(self, n: int, tag: str, pause_s: float = 0.0) -> list[str]:
         out = []
@@ -250,6 +256,8 @@ class Submitter:
                 if resp.status == 201:
                     self.replayed += resp.headers.get("Idempotent-Replayed") == "true"
                     self.ids[key] = data["id"]
+                    async with self._accepted:
+                        self._accepted.notify_all()
                     return str(data["id"])
                 assert resp.status == 503, (resp.status, data)
                 self.unavailable += 1

@@ -7,6 +7,7 @@ chaos scenario. Every script's keys share one slot, so a script that strayed wou
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -197,7 +198,7 @@ async def test_a_master_sigkilled_mid_run_loses_no_job(
     before = await client.submit(20, "before")
     victim = redis_cluster.master_of_key(svc.storage.keys.events(shard_of(before[0])))
     during_task = asyncio.create_task(client.submit(20, "during", pause_s=0.05))
-    await asyncio.sleep(0.2)  # a few POSTs in: the kill lands mid-run
+    await client.accepted(len(before) + 3)  # a few POSTs in: the kill lands mid-run
     heir = await redis_cluster.kill_master(victim)
     during = await during_task
     after = await client.submit(20, "after")
@@ -262,8 +263,14 @@ async def test_a_busy_shards_slot_migrates_mid_run_without_losing_a_job(
         redirects_before = await redirect_count(r)
     tryagain_before = await tryagain_count(source, target)
 
-    async def stretch(_moved: int) -> None:  # between MIGRATE batches: the load runs on
-        await asyncio.sleep(0.02)
+    async def stretch(_moved: int) -> None:
+        """After the first MIGRATE batch, until a script of the shard met the half-moved slot
+        (TRYAGAIN on either node; the processors' and api's calls keep coming), so the load
+        really runs into the migration however slow the machine (a bounded poll of Redis)."""
+        deadline = time.monotonic() + 30
+        while await tryagain_count(source, target) <= tryagain_before:
+            assert time.monotonic() < deadline, "no script ran into the migration"
+            await asyncio.sleep(0.02)
 
     during_task = asyncio.create_task(client.submit(30, "during", pause_s=0.01))
     moved = await redis_cluster.migrate_slot(slot, target, batch=5, on_batch=stretch)
