@@ -257,8 +257,7 @@ class Notifier:
 
     async def _attempt(self, shard: int, entry_id: str, job_id: str) -> None:
         job = await self.storage.callback_begin(job_id, entry_id, self.consumer)
-        if job is None:
-            await self.storage.callback_skip(shard, entry_id)
+        if job is None:  # ended (its entry is gone now), or another notifier's since a takeover
             return
         attempt = job.callback_attempts
         backend = self.backends.get(job.callback_type)

@@ -14,7 +14,7 @@ from redis.crc import key_slot
 from downloader.events import PACKED_TYPE_CODES
 from downloader.ids import new_job_id, shard_of
 from downloader.models import parse_download_request
-from downloader.storage import Storage, connect
+from downloader.storage import CALLBACK_GROUP, Storage, connect
 from downloader.vocabulary import (
     CallbackOutcome,
     DownloadOutcome,
@@ -248,6 +248,40 @@ async def test_a_settled_job_is_packed_into_one_key_and_still_reads_the_same(
         revived = await storage.get_job(job_id)
         assert revived.callback_state == "Pending" and revived.file_state is FileState.NONE
         assert [e.as_json() for e in await storage.get_events(job_id)][: len(events)] == events
+    finally:
+        await storage.close()
+
+
+async def test_a_notifier_taken_over_leaves_the_entry_to_its_new_holder(
+    make_config: Any, redis_client: StrRedis
+) -> None:
+    """A notifier that read a callback entry and was then taken for gone (its entry moved to
+    another) finds nothing to deliver, and leaves the entry pending with the new holder, who
+    delivers it; a duplicate entry of a callback that ended is acknowledged and deleted."""
+    storage = await new_storage(make_config)
+    try:
+        await storage.ensure_callback_groups()
+        job_id = await submit(storage, "tk")
+        shard, k = shard_of(job_id), storage.keys
+        [claimed] = (await storage.claim(shard, "tk", "p", 10_000, 1)).jobs
+        await storage.finish(job_id, claimed.lease, DownloadOutcome.SUCCEEDED, SUCCEEDED)
+        [(_s, entry, read_id)] = await storage.read_callbacks([shard], "slow", 10, 0)
+        assert read_id == job_id
+        [moved] = await storage.take_over_callbacks("taker", 10)  # "slow" keeps no heartbeat
+        assert (moved.shard, [e for e, _j in moved.entries]) == (shard, [entry])
+
+        assert await storage.callback_begin(job_id, entry, "slow") is None
+        pending = await redis_client.xpending(k.callbacks(shard), CALLBACK_GROUP)
+        assert pending["pending"] == 1 and pending["consumers"][0]["name"] == "taker"
+        job = await storage.callback_begin(job_id, entry, "taker")
+        assert job is not None and job.callback_attempts == 1
+        await storage.callback_end(job_id, CallbackOutcome.DELIVERED, {"attempt": 1}, entry, 0)
+
+        duplicate = await redis_client.xadd(k.callbacks(shard), {"job_id": job_id})
+        await storage.read_callbacks([shard], "taker", 10, 0)
+        assert await storage.callback_begin(job_id, duplicate, "taker") is None
+        assert await redis_client.xlen(k.callbacks(shard)) == 0
+        assert (await redis_client.xpending(k.callbacks(shard), CALLBACK_GROUP))["pending"] == 0
     finally:
         await storage.close()
 

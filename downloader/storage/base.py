@@ -130,6 +130,22 @@ class StorageBase:
             return [[s] for s in self.all_shards]
         return [list(self.all_shards)]
 
+    def _registry(self, shard: int, scope: str) -> str:
+        """A shard's registry of aggregations with jobs: all of them, or one tenant's."""
+        if scope:
+            return self.keys.tenant_aggregations(shard, scope)
+        return self.keys.aggregations(shard)
+
+    async def _per_shard(
+        self, command: str, keys: Sequence[str], *args: Any, errors: bool = False, **kw: Any
+    ) -> list[Any]:
+        """One keyed command per key (`args`, `kw` its other arguments), in one pipeline: one
+        round trip per node. `errors`: an error reply comes back in its place, not raised."""
+        async with self.r.pipeline(transaction=False) as p:
+            for key in keys:
+                getattr(p, command)(key, *args, **kw)
+            return list(await p.execute(raise_on_error=not errors))
+
     async def _run(self, name: str, shard: int, *args: Any, keys: Sequence[str] = ()) -> Any:
         """Run script `name` on `shard`. KEYS: the shard's event stream, `keys` (those of the
         job or aggregation it is called for), every fixed key of the shard, its fence."""

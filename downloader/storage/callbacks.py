@@ -3,7 +3,6 @@ gone notifier's), the event export, and what is service-wide: stats, instances, 
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import json
 import time
@@ -72,15 +71,19 @@ class CallbackStore(StorageBase):
     async def take_over_callbacks(self, consumer: str, count: int) -> list[Takeover]:
         """Move up to `count` pending entries of gone notifiers (their liveness key lapsed) to
         `consumer`, shard by shard; delete the gone ones left with none."""
-        out: list[Takeover] = []
-        for s in self.all_shards:
-            try:
-                consumers = await self.r.xinfo_consumers(self.keys.callbacks(s), CALLBACK_GROUP)
-            except ResponseError:
+        streams = [self.keys.callbacks(s) for s in self.all_shards]
+        infos = await self._per_shard("xinfo_consumers", streams, CALLBACK_GROUP, errors=True)
+        others: dict[int, list[str]] = {}
+        for s, info in zip(self.all_shards, infos, strict=True):
+            if isinstance(info, ResponseError):
                 continue  # no stream or group yet
-            others = [c["name"] for c in consumers if c["name"] != consumer]
-            live = set(await self.alive("notifier", others))
-            gone = [name for name in others if name not in live]
+            if isinstance(info, Exception):
+                raise info
+            others[s] = [c["name"] for c in info if c["name"] != consumer]
+        live = set(await self.alive("notifier", sorted({n for ns in others.values() for n in ns})))
+        out: list[Takeover] = []
+        for s, names in others.items():
+            gone = [name for name in names if name not in live]
             if not gone:
                 continue
             rows = await self._run(
@@ -102,8 +105,9 @@ class CallbackStore(StorageBase):
         self, job_id: str, entry_id: str = "", consumer: str = ""
     ) -> CallbackJob | None:
         """Start a delivery attempt: what the callback needs, or None if there is nothing to
-        deliver (the job is gone, its callback already ended: a duplicate entry, or the stream
-        entry `entry_id`, when given, is no longer pending with `consumer`)."""
+        deliver: the job is gone or its callback already ended (a duplicate entry: the stream
+        entry `entry_id` is acknowledged and deleted), or the entry, when given, is no longer
+        pending with `consumer` (it is left to the notifier that holds it now)."""
         res = await self._run(
             "callback_begin",
             shard_of(job_id),
@@ -191,11 +195,10 @@ class CallbackStore(StorageBase):
     async def recent_events(
         self, types: Sequence[EventType], limit: int, scan: int = 2000
     ) -> list[JobEvent]:
-        """The newest events of the given types among the last `scan` of every shard's
-        stream, newest first."""
-        per_shard = await asyncio.gather(
-            *(self.r.xrevrange(self.keys.events(s), count=scan) for s in self.all_shards)
-        )
+        """The newest events of the given types among the last `scan` events of the service
+        (`scan` / shards of each shard's stream), newest first."""
+        streams = [self.keys.events(s) for s in self.all_shards]
+        per_shard = await self._per_shard("xrevrange", streams, count=-(-scan // self.shards))
         rows = heapq.merge(
             *(
                 [(_newest_first(eid), eid, f) for eid, f in shard_rows if f.get("t") in types]

@@ -92,19 +92,9 @@ class JobStore(StorageBase):
         fewest = min(load[s] for s in candidates)
         return random.choice([s for s in candidates if load[s] == fewest])
 
-    async def _per_shard(self, command: str, keys: Sequence[str]) -> list[Any]:
-        """One keyed command per key, in one pipeline (one round trip per node)."""
-        async with self.r.pipeline(transaction=False) as p:
-            for key in keys:
-                getattr(p, command)(key)
-            return list(await p.execute())
-
     async def count_aggregations(self, scope: str = "") -> int:
         """Aggregations with unfinished jobs: all of them, or one tenant's."""
-        keys = [
-            self.keys.tenant_aggregations(s, scope) if scope else self.keys.aggregations(s)
-            for s in self.all_shards
-        ]
+        keys = [self._registry(s, scope) for s in self.all_shards]
         return sum(int(n) for n in await self._per_shard("zcard", keys))
 
     # -- accepting a job ------------------------------------------------------------------------

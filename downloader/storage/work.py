@@ -184,13 +184,9 @@ class WorkStore(StorageBase):
         registries (no key scan): all of them, or one tenant's. Returns (aggr id, waiting,
         shard)."""
         want = offset + limit
-        per_shard = await asyncio.gather(
-            *(
-                self.r.zrevrangebyscore(
-                    self._registry(s, scope), "+inf", 1, start=0, num=want, withscores=True
-                )
-                for s in self.all_shards
-            )
+        registries = [self._registry(s, scope) for s in self.all_shards]
+        per_shard = await self._per_shard(
+            "zrevrangebyscore", registries, "+inf", 1, start=0, num=want, withscores=True
         )
         merged = heapq.merge(
             *(
@@ -200,16 +196,9 @@ class WorkStore(StorageBase):
         )
         return [(name, -neg, s) for neg, name, s in list(merged)[offset:want]]
 
-    def _registry(self, shard: int, scope: str) -> str:
-        if scope:
-            return self.keys.tenant_aggregations(shard, scope)
-        return self.keys.aggregations(shard)
-
     async def count_pending_aggregations(self, scope: str = "") -> int:
-        counts = await asyncio.gather(
-            *(self.r.zcount(self._registry(s, scope), 1, "+inf") for s in self.all_shards)
-        )
-        return sum(int(n) for n in counts)
+        registries = [self._registry(s, scope) for s in self.all_shards]
+        return sum(int(n) for n in await self._per_shard("zcount", registries, 1, "+inf"))
 
     async def aggregation_details(self, aggrs: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
         """Limit, unfinished jobs and downloads in flight of each (aggr id, shard)."""
