@@ -39,7 +39,9 @@ class Liveness:
 
     Judging others is safe only while our own beats go through: after an outage of Redis every
     key may have lapsed, the live instances' too, so `may_judge_others()` stays False for one
-    `dead_after_ms` after a failed beat, long enough for every live instance to beat again."""
+    `dead_after_ms` after a failed beat, long enough for every live instance to beat again. A
+    fresh instance waits the same after its first beat: it may be starting right after such an
+    outage, while the others are still backing off."""
 
     def __init__(
         self, storage: Storage, role: str, instance: str, interval_ms: int, dead_after_ms: int
@@ -47,7 +49,7 @@ class Liveness:
         self.storage, self.role, self.instance = storage, role, instance
         self.interval_ms, self.dead_after_ms = interval_ms, dead_after_ms
         self.started = asyncio.Event()  # the first beat went through
-        self._failed = False
+        self._failed = True  # as if after an outage: the first beat starts the wait
         self._judge_from = 0.0  # time.monotonic()
 
     def may_judge_others(self) -> bool:

@@ -15,6 +15,7 @@ import pytest
 from downloader.cli import make_notifier
 from downloader.config import Config
 from downloader.embedded import EmbeddedRedis
+from downloader.heartbeat import Liveness
 from downloader.ids import new_job_id, shard_of
 from downloader.models import parse_download_request
 from downloader.storage import CALLBACK_GROUP, Keys, Storage, connect
@@ -460,3 +461,20 @@ async def test_a_stopping_notifier_keeps_its_callbacks_through_the_grace(
             ]
     finally:
         await receiver.close()
+
+
+async def test_a_fresh_notifier_judges_others_only_after_a_lapse(make_config: MakeConfig) -> None:
+    """A notifier that just started (perhaps right after a Redis outage, while the live ones
+    are still backing off) takes nobody for gone before one `dead_after_ms` has passed since
+    its first beat."""
+    storage = await new_storage(make_config)
+    try:
+        liveness = Liveness(storage, "notifier", "fresh", interval_ms=10, dead_after_ms=300)
+        await liveness.step()
+        began = time.monotonic()
+        assert liveness.started.is_set() and not liveness.may_judge_others()
+        while not liveness.may_judge_others():
+            await liveness.step()
+        assert time.monotonic() - began >= 0.3  # a lower bound: load cannot break it
+    finally:
+        await storage.close()
