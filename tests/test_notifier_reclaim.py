@@ -470,8 +470,8 @@ async def test_a_fresh_notifier_judges_others_only_after_a_lapse(make_config: Ma
     storage = await new_storage(make_config)
     try:
         liveness = Liveness(storage, "notifier", "fresh", interval_ms=10, dead_after_ms=300)
-        await liveness.step()
         began = time.monotonic()
+        await liveness.step()
         assert liveness.started.is_set() and not liveness.may_judge_others()
         while not liveness.may_judge_others():
             await liveness.step()
