@@ -158,15 +158,19 @@ async def post_download(request: web.Request) -> web.Response:
     fields = req.job_fields(config.processor.max_retries, tenant.name)
     shown, sealed = seal(fields, config.security)
     key = _idempotency_key(request)
-    if key and tenant.scope:  # one tenant's keys never meet another's
-        key = f"{tenant.scope}:{key}"
+    if key and tenant.scope:  # one tenant's keys never meet another's, nor an admin's
+        key = f"{tenant.scope} {key}"  # a key holds no space: no other key spells this
     fingerprint = (
         hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest() if key else ""
     )
     window_ms = int(config.api.idempotency_window_seconds * 1000)
     # One id per request: if redis-py resends the script after a lost reply, the second run
     # finds the job already there, which means this request was accepted.
-    storage = request.app[STORAGE]
+    storage, tenants = request.app[STORAGE], request.app[TENANTS]
+    scope = tenants.owner_of(req.aggr_id)
+    # the cap is a tenant's (without tokens: the service's); the aggregations outside every
+    # tenant's prefix, an admin's, are not a tenant's and have no registry of their own
+    cap = config.api.max_aggregations_per_tenant if scope or not tenants.required else 0
     job_id, replayed = await storage.enqueue(
         new_job_id(await storage.shard_for(req.aggr_id)),
         shown,
@@ -175,8 +179,8 @@ async def post_download(request: web.Request) -> web.Response:
         window_ms,
         proxy=fields["aggr_proxy"],
         sealed=sealed,
-        scope=request.app[TENANTS].owner_of(req.aggr_id),
-        max_aggregations=config.api.max_aggregations_per_tenant,
+        scope=scope,
+        max_aggregations=cap,
     )
     if replayed:
         return json_response({"id": job_id}, status=201, headers={"Idempotent-Replayed": "true"})
@@ -246,7 +250,7 @@ def _page(request: web.Request, most: int) -> tuple[int, int]:
         if raw is None:
             out.append(default)
             continue
-        if not raw.isdigit() or len(raw) > 9:
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
             raise ValidationFailed(name, f"{name} must be a whole number >= 0")
         out.append(int(raw))
     limit, offset = out

@@ -254,6 +254,11 @@ class TokenConfig(_Section):
     def _one_secret_and_a_prefix(self) -> TokenConfig:
         if (self.token is None) == (self.sha256 is None):
             raise ValueError(f"token {self.name!r}: give exactly one of token and sha256")
+        if self.role != "admin" and self.name == "admin":  # tenants.ADMIN_NAME
+            raise ValueError(
+                "token 'admin': the name admin is the plain admin tokens' tenant (their jobs "
+                "record it); a submit or read token needs another name"
+            )
         if self.role != "admin" and not self.aggr_prefix:
             raise ValueError(
                 f"token {self.name!r}: a {self.role} token needs an aggr_prefix (its "

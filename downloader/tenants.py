@@ -83,7 +83,6 @@ class Tenants:
                 digest = self._digest_of(entry)
                 tenant = self._tenant_of(entry, digest.hex()[:16])
             self._entries.append((digest, tenant))
-        self._by_name = {t.name: t for _d, t in self._entries}
 
     @staticmethod
     def _digest_of(entry: TokenConfig) -> bytes:
@@ -123,9 +122,6 @@ class Tenants:
             if hmac.compare_digest(presented, digest) and found is None:
                 found = tenant
         return found
-
-    def by_name(self, name: str) -> Tenant | None:
-        return self._by_name.get(name)
 
     def owner_of(self, aggr_id: str) -> str:
         """The tenant whose aggr_prefix the aggregation has ("" for none): its quota counts it

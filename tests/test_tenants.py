@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from downloader.config import Config
 from harness.redis_nodes import StrRedis
 from harness.servers import CallbackReceiver, FileServer, ForwardProxy, Reply
 from tests.conftest import Service
@@ -177,7 +179,8 @@ async def test_another_tenant_cannot_change_an_aggregation_nor_learn_its_proxy_p
 
 async def test_idempotency_keys_are_per_tenant(tenants: Service) -> None:
     """Finding 13: another tenant reusing a key gets a job of its own, not the first tenant's
-    job id (nor a 422 that would confirm the key is in use)."""
+    job id (nor a 422 that would confirm the key is in use); nor does an admin key spelled
+    like the tenant's scoped one (`shop:order-42`) meet the tenant's `order-42`."""
     key = {"Idempotency-Key": "order-42"}
     assert tenants.http is not None
 
@@ -194,6 +197,15 @@ async def test_idempotency_keys_are_per_tenant(tenants: Service) -> None:
     assert (s1, s2, s3) == (201, 201, 201)
     assert again["id"] == first["id"] and replayed == "true"
     assert other["id"] != first["id"] and other_replayed == ""
+    for spelled in ("shop:order-7", "shop order-7"):  # an admin key may not hold a space
+        headers = {**auth(ROOT), "Idempotency-Key": spelled}
+        async with tenants.http.post(
+            tenants.base_url + "/download", json=body("root-a"), headers=headers
+        ) as r:
+            assert r.status == (201 if ":" in spelled else 400), await r.text()
+    key["Idempotency-Key"] = "order-7"
+    s4, _own, own_replayed = await post(SHOP, "shop-b")
+    assert (s4, own_replayed) == (201, "")
 
 
 async def test_tokens_may_be_configured_by_their_sha256(service_factory: ServiceFactory) -> None:
@@ -272,6 +284,8 @@ async def test_live_aggregations_per_tenant_are_capped(
     await submit(svc, SHOP, aggr="shop-0")  # an existing one
     for i in range(3):
         await submit(svc, ACME, aggr=f"acme-{i}")
+    for i in range(4):  # an admin's aggregations outside every prefix are no tenant's
+        await submit(svc, ROOT, aggr=f"root-{i}")
 
 
 async def test_the_aggregations_list_is_bounded_and_pages(service_factory: ServiceFactory) -> None:
@@ -294,7 +308,13 @@ async def test_the_aggregations_list_is_bounded_and_pages(service_factory: Servi
             link = r.headers.get("Link", "")
         url = link[1 : link.index(">")] if link else ""
     assert seen == [f"jobs:p{i:02d}" for i in reversed(range(12))]
-    for query, field in (("limit=0", "limit"), ("limit=6", "limit"), ("offset=-1", "offset")):
+    for query, field in (
+        ("limit=0", "limit"),
+        ("limit=6", "limit"),
+        ("offset=-1", "offset"),
+        ("offset=%C2%B2", "offset"),  # '²': a digit to str.isdigit, not to int()
+        ("limit=%D9%A3", "limit"),  # an Arabic-Indic 3
+    ):
         status, answer = await svc.get(f"/dashboard/aggregations?{query}")
         assert (status, answer["field"]) == (400, field), query
 
@@ -513,3 +533,14 @@ async def test_secret_values_are_scrubbed_from_error_sentences() -> None:
     assert scrub(text, found) == (
         "Invalid URL: http://u:***@o.test/a?sig=***&keep=1 (cookie ***, decoded *** ***)"
     )
+
+
+def test_a_tenant_may_not_take_the_plain_admin_tokens_name() -> None:
+    """The plain admin tokens' jobs record the tenant `admin`: a submit or read token of that
+    name would see and act on them (and sign their callbacks), so the config refuses it."""
+    for role in ("submit", "read"):
+        entry = {"name": "admin", "token": "t" * 20, "role": role, "aggr_prefix": "x-"}
+        with pytest.raises(ValidationError, match="the name admin"):
+            Config.model_validate({"api": {"tokens": [ROOT, entry]}})
+    admin = {"name": "admin", "token": "t" * 20, "role": "admin"}
+    assert Config.model_validate({"api": {"tokens": [ROOT, admin]}}).api.tokens
