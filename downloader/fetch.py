@@ -256,6 +256,8 @@ async def _check_proxied(policy: NetworkPolicy, url: URL) -> None:
         await policy.check_target(host, url.port or 0)
     except socket.gaierror as exc:
         raise TransientError(f"could not resolve host {host}") from exc
+    except UnicodeError as exc:  # an empty or over-long label: no resolver takes it
+        raise PermanentError(f"Invalid URL: bad host {host!r}") from exc
 
 
 async def _within_window(

@@ -157,6 +157,23 @@ async def test_a_redirect_through_the_proxy_is_checked_at_every_hop(
     assert proxy_on_2.seen == [f"GET {base}/r"]
 
 
+async def test_a_proxied_redirect_to_a_malformed_host_fails_the_job_cleanly(
+    service_factory: ServiceFactory, proxy_on_2: LoggingProxy
+) -> None:
+    """An origin behind the proxy redirecting to a host no resolver takes (an empty label):
+    the job fails with a sentence naming the host, not an internal error, and the proxy is not
+    asked for it."""
+    svc = await service_factory(BEHIND_PROXY, {"api", "processor"})
+    async with origin({"/r": answer(status=302, Location="http://a..b/x")}, host="127.0.0.2") as (
+        base,
+        _served,
+    ):
+        job_id = await svc.submit(**job(f"{base}/r", aggr_proxy=proxy_on_2.url()))
+        failure = await failed(svc, job_id)
+    assert "Invalid URL" in failure["error"] and "a..b" in failure["error"], failure["error"]
+    assert proxy_on_2.seen == [f"GET {base}/r"]
+
+
 # -- 8. IPv6 forms embedding IPv4 -------------------------------------------------------------
 
 
