@@ -9,8 +9,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis.crc import key_slot
 
+from downloader.errors import CallbackNotFailed, DownloadEnded
 from downloader.events import PACKED_TYPE_CODES
 from downloader.ids import new_job_id, shard_of
 from downloader.models import parse_download_request
@@ -243,6 +245,8 @@ async def test_a_settled_job_is_packed_into_one_key_and_still_reads_the_same(
         assert events[: len(live_events)] == live_events
         assert [e["type"] for e in events][-2:] == ["callback.attempted", "callback.failed"]
 
+        with pytest.raises(DownloadEnded):  # DELETE of a packed job: 409, as when it was live
+            await storage.abort(job_id, "late")
         await storage.requeue_callback(job_id)
         assert await redis_client.exists(k.done(job_id)) == 0
         revived = await storage.get_job(job_id)
@@ -282,6 +286,33 @@ async def test_a_notifier_taken_over_leaves_the_entry_to_its_new_holder(
         assert await storage.callback_begin(job_id, duplicate, "taker") is None
         assert await redis_client.xlen(k.callbacks(shard)) == 0
         assert (await redis_client.xpending(k.callbacks(shard), CALLBACK_GROUP))["pending"] == 0
+    finally:
+        await storage.close()
+
+
+async def test_a_refused_retry_of_a_packed_job_leaves_it_packed_and_its_expiry_alone(
+    make_config: Any, redis_client: StrRedis
+) -> None:
+    """POST /retry of a packed job whose callback was delivered is refused (not failed) and
+    changes nothing: the job is not unpacked and packed again, its retention not renewed (a
+    caller could otherwise keep its jobs forever)."""
+    storage = await new_storage(make_config)
+    try:
+        job_id = await submit(storage, "rr")
+        shard, k = shard_of(job_id), storage.keys
+        [claimed] = (await storage.claim(shard, "rr", "p", 10_000, 1)).jobs
+        failed = {"attempt": 1, "response_code": 404, "error": "Received status code 404"}
+        await storage.finish(job_id, claimed.lease, DownloadOutcome.FAILED, failed)
+        assert await storage.callback_begin(job_id) is not None
+        await storage.callback_end(job_id, CallbackOutcome.DELIVERED, {"attempt": 1}, "", 0)
+        packed = await redis_client.get(k.done(job_id))
+        assert packed is not None
+        await redis_client.pexpire(k.done(job_id), 60_000)
+        with pytest.raises(CallbackNotFailed):
+            await storage.requeue_callback(job_id)
+        assert await redis_client.get(k.done(job_id)) == packed
+        assert 0 < await redis_client.pttl(k.done(job_id)) <= 60_000
+        assert await redis_client.exists(k.job(job_id), k.ev(job_id)) == 0
     finally:
         await storage.close()
 

@@ -265,6 +265,19 @@ local function fold_lines(job_id, lines)
   return f
 end
 
+-- Some projection fields of a job, live or packed (folded from its events), in `names`' order;
+-- nil when the job is neither.
+local function fields_of(job_id, names)
+  if redis.call('EXISTS', KEY.job(job_id)) == 1 then
+    return redis.call('HMGET', KEY.job(job_id), unpack(names))
+  end
+  local lines = unpack_done(job_id)
+  if not lines then return nil end
+  local folded, out = fold_lines(job_id, lines), {}
+  for i, name in ipairs(names) do out[i] = folded[name] or false end
+  return out
+end
+
 -- Make a packed job live again (a /retry of its failed callback): its list and projection come
 -- back from its events. Returns false when the job is neither live nor packed.
 local function revive(job_id)

@@ -229,9 +229,8 @@ class JobStore(StorageBase):
     async def abort(self, job_id: str, reason: str) -> str:
         """Cancel a pending or running download; returns the job.aborted event id. Raises
         JobNotFound, or DownloadEnded once the download has its outcome."""
-        res = await self._run(
-            "abort", shard_of(job_id), job_id, reason, keys=[self.keys.job(job_id)]
-        )
+        keys = [self.keys.job(job_id), self.keys.done(job_id)]
+        res = await self._run("abort", shard_of(job_id), job_id, reason, keys=keys)
         if res[0] == "unknown":
             raise JobNotFound(job_id)
         if res[0] == "finished":
@@ -241,9 +240,8 @@ class JobStore(StorageBase):
     async def requeue_callback(self, job_id: str) -> str:
         """POST /retry: a fresh round for a failed callback; returns the event id. Raises
         JobNotFound, NoCallback or CallbackNotFailed."""
-        res = await self._run(
-            "callback_requeue", shard_of(job_id), job_id, keys=[self.keys.job(job_id)]
-        )
+        keys = [self.keys.job(job_id), self.keys.done(job_id)]
+        res = await self._run("callback_requeue", shard_of(job_id), job_id, keys=keys)
         if res[0] == "unknown":
             raise JobNotFound(job_id)
         if res[0] == "no_callback":
