@@ -378,7 +378,7 @@ async def trim_streams_past_window(r: StrRedis, config: Config) -> dict[str, int
     try:
         for s in range(SHARDS):
             while True:
-                entries, index = await storage.trim(s, window_ms, ahead_ms)
+                entries, index, _unexported = await storage.trim(s, window_ms, ahead_ms)
                 trimmed, removed, calls = trimmed + entries, removed + index, calls + 1
                 if entries == 0:
                     break

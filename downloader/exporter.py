@@ -86,15 +86,6 @@ class EventExporter:
         )
         if not events:
             return
-        if position != "0-0" and events[0].id != position:
-            first = await self.storage.first_event_id(shard)
-            if _newer(first, position):
-                log.warning(
-                    "event export fell behind the stream's window; events were lost to it",
-                    shard=shard,
-                    exported_up_to=position,
-                    oldest_left=first,
-                )
         sends = []
         for event in events:
             value = json.dumps(event.as_json(), separators=(",", ":")).encode()
@@ -109,10 +100,3 @@ class EventExporter:
             self.exported += len(events)
         else:
             self._holding.discard(shard)
-
-
-def _newer(a: str, b: str) -> bool:
-    """Whether stream id `a` comes after `b`."""
-    am, _, aseq = a.partition("-")
-    bm, _, bseq = b.partition("-")
-    return (int(am), int(aseq or 0)) > (int(bm), int(bseq or 0))

@@ -103,9 +103,17 @@ class Upkeep:
         """Every few seconds: each shard's event stream back to its window (events.
         stream_window_minutes) and its job index to the jobs that can still exist."""
         now_ms = int(time.time() * 1000)
-        await asyncio.gather(
+        trims = await asyncio.gather(
             *(self.storage.trim(s, self.stream_window_ms, now_ms) for s in self.storage.all_shards)
         )
+        shards = self.storage.all_shards
+        for shard, (_trimmed, _removed, unexported) in zip(shards, trims, strict=True):
+            if unexported:
+                log.warning(
+                    "event export fell behind the stream's window; events were lost to it",
+                    shard=shard,
+                    window_minutes=self.stream_window_ms / 60_000,
+                )
         await asyncio.sleep(min(10.0, self.stream_window_ms / 10_000))
 
     async def _sweep(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -395,5 +396,30 @@ async def test_new_aggregations_spread_even_when_every_queue_is_empty(make_confi
     try:
         shards = [await storage.shard_for(f"e{i}") for i in range(48)]
         assert sorted(Counter(shards).values()) == [3] * 16
+    finally:
+        await storage.close()
+
+
+async def test_trim_says_when_it_drops_events_the_export_has_not_sent(
+    make_config: Any, redis_client: StrRedis
+) -> None:
+    """The upkeep's trim reports when the events it trims away include some after the Kafka
+    export's position (they never reach the topic: the upkeep logs it); not when there is no
+    export, nor when the export has sent them."""
+    storage = await new_storage(make_config)
+    try:
+        job_id = await submit(storage, "tr")
+        shard, k = shard_of(job_id), storage.keys
+        later = int(time.time() * 1000) + 60_000  # every event is out of a 0 ms window then
+
+        assert (await storage.trim(shard, 0, later))[2] is False  # no export
+        sent = (await submit(storage, "tr"), await redis_client.xrange(k.events(shard)))[1]
+        assert await storage.export_hold(shard, "exporter", sent[-1][0], 10_000)
+        await submit(storage, "tr")  # an event after the export's position
+        assert (await storage.trim(shard, 0, later))[2] is True
+        await submit(storage, "tr")
+        newest = (await redis_client.xrevrange(k.events(shard), count=1))[0][0]
+        assert await storage.export_hold(shard, "exporter", newest, 10_000)  # all sent
+        assert (await storage.trim(shard, 0, later))[2] is False
     finally:
         await storage.close()

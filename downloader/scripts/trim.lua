@@ -5,7 +5,13 @@
 -- Keys touched: events (XTRIM MINID ~), jobs, and the job/done keys of up to 500 old index
 --   entries: an entry whose job has expired goes; one whose job still lives (a download
 --   waiting for its aggregation for days) is scored now, to be looked at again a window later.
--- Returns: {stream entries trimmed, index entries removed}
+-- Returns: {stream entries trimmed, index entries removed, 1 when the trim may drop events the
+--   Kafka export (export:position, when it runs) has not sent yet, else 0}
+local position = redis.call('GET', KEY.export_position)
+local unexported = 0
+if position and #redis.call('XRANGE', KEY.events, '(' .. position, '(' .. ARGV[1], 'COUNT', 1) > 0 then
+  unexported = 1
+end
 local trimmed = redis.call('XTRIM', KEY.events, 'MINID', '~', ARGV[1])
 local removed = 0
 local old = redis.call('ZRANGEBYSCORE', KEY.jobs, '-inf', '(' .. ARGV[2], 'LIMIT', 0, 500)
@@ -17,4 +23,4 @@ for _, id in ipairs(old) do
     removed = removed + 1
   end
 end
-return {trimmed, removed}
+return {trimmed, removed, unexported}

@@ -187,11 +187,6 @@ class CallbackStore(StorageBase):
         res = await self.r.xread({self.keys.events(shard): after}, count=count, block=block_ms)
         return [parse_event(eid, f) for _s, entries in res or [] for eid, f in entries]
 
-    async def first_event_id(self, shard: int) -> str:
-        """The oldest event still in a shard's stream ("0-0" when empty)."""
-        first = await self.r.xrange(self.keys.events(shard), count=1)
-        return str(first[0][0]) if first else "0-0"
-
     async def recent_events(
         self, types: Sequence[EventType], limit: int, scan: int = 2000
     ) -> list[JobEvent]:

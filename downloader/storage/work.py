@@ -232,15 +232,16 @@ class WorkStore(StorageBase):
         shard = shard_of(job_id)
         await self._run("reap", shard, "later", job_id, delay_ms, keys=[self.keys.reap(shard)])
 
-    async def trim(self, shard: int, window_ms: int, now_ms: int) -> tuple[int, int]:
+    async def trim(self, shard: int, window_ms: int, now_ms: int) -> tuple[int, int, bool]:
         """Keep the shard's event stream to the last `window_ms` and its job index to the jobs
-        that still exist: (stream entries, index entries) removed."""
+        that still exist: (stream entries, index entries) removed, and whether the trim may
+        have dropped events the Kafka export had not sent."""
         oldest_kept = now_ms - self.retention_ms
-        trimmed, removed = await self._run(
+        trimmed, removed, unexported = await self._run(
             "trim",
             shard,
             f"{now_ms - window_ms}-0",
             oldest_kept,
             keys=[self.keys.jobs(shard)],
         )
-        return int(trimmed), int(removed)
+        return int(trimmed), int(removed), bool(unexported)
