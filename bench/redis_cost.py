@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
@@ -114,9 +115,10 @@ async def run(jobs: int = 500, aof: bool = True) -> dict[str, Any]:
 async def run_cluster(jobs: int = 3000, aggregations: int = 30) -> dict[str, Any]:
     """The job life of `run` on a cluster, `jobs` spread round robin over `aggregations`,
     batches of 100 at a time; per master: commands, EVALSHA calls and Redis CPU seconds."""
-    async with ClusterGroup() as cluster:
+    async with ClusterGroup() as cluster, contextlib.AsyncExitStack() as closing:
         config = Config.model_validate({"redis": {"addr": cluster.addr, "cluster": True}})
         storage = Storage(connect(config), config)
+        closing.push_async_callback(storage.close)  # before the cluster stops, failed or not
         names = [f"cost{a}" for a in range(aggregations)]
         shards: dict[str, int] = {}
         for aggr in names:  # one after another, as new aggregations arrive at the api
@@ -174,7 +176,6 @@ async def run_cluster(jobs: int = 3000, aggregations: int = 30) -> dict[str, Any
                     "cpu_s": round(await _cpu_seconds(m) - before, 3),
                 }
             )
-        await storage.close()
 
     def spread(key: str) -> float:
         values = [float(m[key]) for m in per_master]

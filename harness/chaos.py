@@ -594,12 +594,12 @@ async def notifier_recovery(
     config = _write_config(workdir / "recovery-config.json", raw)
     origin = Peers(0.0, 0.0, 1)
     receiver = HoldingReceiver()
-    await origin.start()
-    await receiver.start()
     api, processor = Proc("api", 0, config, workdir), Proc("processor", 0, config, workdir)
     first, second = Proc("notifier", 0, config, workdir), Proc("notifier", 1, config, workdir)
     procs = [api, processor, first, second]
     try:
+        await origin.start()
+        await receiver.start()
         for p in (api, processor, first):
             p.start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:

@@ -1,5 +1,6 @@
-"""Following the service's events from outside: every shard's event stream, read with blocking
-XREADs (one call over all shards on one server, one per shard on a cluster)."""
+"""Following the service's events from outside: every shard's event stream, read with one
+blocking XREAD over all shards on one server; on a cluster (where one XREAD cannot span shards)
+one XREAD per shard without blocking, polled."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ class EventTail:
     async def wait(self, predicate: Callable[[EventTail], bool], timeout_s: float = 10) -> None:
         async with asyncio.timeout(timeout_s):
             while not predicate(self):
-                await self.read(block_ms=1000)
+                if not await self.read(block_ms=1000) and self.cluster:
+                    # nothing new on any shard: poll again shortly rather than at once
+                    await asyncio.sleep(0.05)
 
     async def catch_up(self) -> None:
         """Read everything appended so far."""
@@ -61,7 +64,7 @@ class EventTail:
             res = await self.r.xread(
                 {s: self.last[s] for s in group},
                 count=1000,
-                block=block_ms if len(groups) == 1 else (None if block_ms is None else 1),
+                block=block_ms if len(groups) == 1 else None,
             )
             for stream, entries in res or []:
                 for entry_id, f in entries:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -91,3 +93,30 @@ class MotoServer:
             "read_timeout_seconds": 5,
             **extra,
         }
+
+
+async def make_bucket(server: MotoServer, name: str | None = None) -> str:
+    """A new bucket in `server` (a random name unless given), in REGION."""
+    name = name or f"t-{secrets.token_hex(6)}"
+    await asyncio.to_thread(
+        server.client().create_bucket,
+        Bucket=name,
+        CreateBucketConfiguration={"LocationConstraint": REGION},
+    )
+    return name
+
+
+async def get_object(server: MotoServer, bucket: str, key: str) -> tuple[bytes, str]:
+    """(body, Content-Type) of an object."""
+
+    def read() -> tuple[bytes, str]:
+        obj = server.client().get_object(Bucket=bucket, Key=key)
+        return obj["Body"].read(), obj["ContentType"]
+
+    return await asyncio.to_thread(read)
+
+
+async def object_keys(server: MotoServer, bucket: str) -> list[str]:
+    """The keys in a bucket (the first 1000: more than any test makes)."""
+    res = await asyncio.to_thread(server.client().list_objects_v2, Bucket=bucket)
+    return [o["Key"] for o in res.get("Contents", [])]

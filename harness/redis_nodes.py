@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from downloader.embedded import find_redis_server
 from harness.net import free_port
 
-__all__ = ["MASTER_NAME", "Node", "SentinelGroup", "StrRedis"]
+__all__ = ["MASTER_NAME", "Node", "SentinelGroup", "StrRedis", "data_keys"]
 
 StrRedis: TypeAlias = Any
 """A `redis.asyncio.Redis` with `decode_responses=True`. redis-py types every reply as `bytes |
@@ -27,6 +27,12 @@ str | ...` whatever the client decodes; like downloader.storage, tests and bench
 a client as Any rather than cast every reply."""
 
 MASTER_NAME = "mymaster"
+
+
+async def data_keys(r: StrRedis) -> list[str]:
+    """Every key but the instances' heartbeats (each API instance announces itself), sorted."""
+    keys = await r.keys("*")
+    return sorted(k for k in keys if "{meta}" not in k)
 
 
 class Node:

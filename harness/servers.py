@@ -176,14 +176,15 @@ class CallbackReceiver(_Server):
 
 
 class HoldingReceiver(_Server):
-    """A callback receiver that holds the first callback of each job until `release`, and
-    answers 200 at once to every later one (those count as delivered, at `delivered_at`:
-    time.monotonic() of the first)."""
+    """A callback receiver that holds the first callback of each job until `release` (its
+    payload in `first`), and answers 200 at once to every later one (those count as delivered,
+    at `delivered_at`: time.monotonic() of the first)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.release = asyncio.Event()
         self.held: Counter[str] = Counter()
+        self.first: dict[str, dict[str, Any]] = {}
         self.delivered: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.delivered_at: dict[str, float] = {}
         self._changed = asyncio.Condition()
@@ -209,6 +210,7 @@ class HoldingReceiver(_Server):
             first = job_id not in self.held
             if first:
                 self.held[job_id] += 1
+                self.first[job_id] = payload
             else:
                 self.delivered[job_id].append(payload)
                 self.delivered_at.setdefault(job_id, time.monotonic())

@@ -31,9 +31,17 @@ from downloader.ids import shard_of
 from downloader.notifier import Notifier
 from downloader.processor import Processor
 from downloader.storage import Storage, connect
+from harness.moto_server import MotoServer, make_bucket
 from harness.redis_cluster import ClusterGroup
 from harness.redis_nodes import SentinelGroup, StrRedis
-from harness.servers import CallbackReceiver, FileServer, ForwardProxy, free_port, wait_http
+from harness.servers import (
+    CallbackReceiver,
+    FileServer,
+    ForwardProxy,
+    TcpRelay,
+    free_port,
+    wait_http,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,6 +195,12 @@ class Service:
             res = await self.storage.r.xread({stream: after}, count=1000, block=block_ms)
             for _s, entries in res or []:
                 after = entries[-1][0]
+
+    async def events(self, job_id: str) -> list[dict[str, Any]]:
+        """GET /jobs/{id}/events: the job's events as the API tells them."""
+        status, body = await self.get(f"/jobs/{job_id}/events")
+        assert status == 200, body
+        return list(body["events"])
 
     async def all_events(self) -> list[tuple[str, dict[str, str]]]:
         """Every shard's events as (id, {job_id, type, data}), merged in id (time) order."""
@@ -409,3 +423,27 @@ async def redis_cluster(tmp_path: Path) -> AsyncIterator[ClusterGroup]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    """One moto server (S3) per test module; each test makes its own bucket in it."""
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def bucket(moto: MotoServer) -> str:
+    """A new bucket of its own in the module's moto server."""
+    return await make_bucket(moto)
+
+
+@pytest.fixture
+async def moto_relay(moto: MotoServer) -> AsyncIterator[TcpRelay]:
+    """A TcpRelay in front of the module's moto server, to point the service at (endpoint
+    `http://127.0.0.1:<relay.port>`) and then stall or cut; released and stopped at the end."""
+    relay = await TcpRelay(moto.port).start()
+    yield relay
+    relay.release()
+    await relay.stop()

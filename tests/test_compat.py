@@ -26,7 +26,9 @@ from harness.redis_nodes import MASTER_NAME, SentinelGroup, StrRedis
 from harness.servers import CallbackReceiver, FileServer, free_port, wait_http
 from tests.conftest import ROOT, Service
 
-ORIGINAL_SAMPLE = Path("/work/shared/compat/original-config.sample.json")
+# the original service's own sample config, copied byte for byte from where it was shared
+# (/work/shared/compat/original-config.sample.json): leave it as it is, the tests run it unchanged
+ORIGINAL_SAMPLE = ROOT / "tests" / "data" / "original-config.sample.json"
 SAMPLE_BYTES = ORIGINAL_SAMPLE.read_bytes()
 ServiceFactory = Callable[..., Any]
 

@@ -4,6 +4,7 @@ without tokens, browser origins, connection caps and request deadlines, metrics 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 
 from downloader.cli import _is_loopback
 from downloader.config import Config
-from harness.redis_nodes import StrRedis
+from harness.redis_nodes import StrRedis, data_keys
 from harness.servers import free_port, wait_http
 from tests.conftest import ROOT, Proc, Service, start_api
 
@@ -37,24 +38,35 @@ BODY = {
 }
 
 
-def cli(*args: str, **popen: Any) -> subprocess.Popen[str]:
-    """`python -m downloader ...` as a real process, its output captured."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER__")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "downloader", *args],
-        cwd=ROOT,
-        env=clean,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
+Cli = Callable[..., subprocess.Popen[str]]
 
 
-async def data_keys(redis_client: StrRedis) -> list[str]:
-    """Every key but the instances' heartbeats (each API instance announces itself)."""
-    keys = await redis_client.keys("*")
-    return sorted(k for k in keys if "{meta}" not in k)
+@pytest.fixture
+def cli() -> Iterator[Cli]:
+    """`cli(*args, **popen)`: `python -m downloader ...` as a real process, its output captured.
+    Any still running at the end is killed (a test that failed before reaping it leaks none)."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, **popen: Any) -> subprocess.Popen[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER__")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "downloader", *args],
+            cwd=ROOT,
+            env=clean,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=10)  # reaps it and closes its pipes
 
 
 # -- listening without tokens (finding 3) ---------------------------------------------------------
@@ -81,7 +93,9 @@ def test_loopback_addresses_are_told_from_the_others(host: str, loopback: bool) 
     assert _is_loopback(host) is loopback
 
 
-def test_api_refuses_to_listen_beyond_loopback_without_tokens(make_config: MakeConfig) -> None:
+def test_api_refuses_to_listen_beyond_loopback_without_tokens(
+    make_config: MakeConfig, cli: Cli
+) -> None:
     """`api --host 0.0.0.0` with no api.tokens exits 2 with one line naming the keys; so does
     `run`, and `check` of a config whose api.host is such an address."""
     path, _ = make_config()
@@ -106,7 +120,7 @@ def test_api_refuses_to_listen_beyond_loopback_without_tokens(make_config: MakeC
     ],
 )
 async def test_api_listens_beyond_loopback_with_tokens_or_allow_anonymous(
-    make_config: MakeConfig, api: dict[str, Any]
+    make_config: MakeConfig, cli: Cli, api: dict[str, Any]
 ) -> None:
     """With tokens, or with allow_anonymous said out loud, `api --host 0.0.0.0` starts."""
     path, _ = make_config({"api": api})
@@ -358,7 +372,7 @@ async def test_a_connection_over_the_cap_gets_503_while_every_slot_is_busy(
 
 
 def test_api_raises_its_open_file_limit_or_refuses_to_start(
-    make_config: MakeConfig, tmp_path: Path
+    make_config: MakeConfig, cli: Cli, tmp_path: Path
 ) -> None:
     """An api whose soft open-file limit is below what api.max_connections needs raises it up to
     the hard limit; when the hard limit is too low as well, it exits 2 naming the key."""

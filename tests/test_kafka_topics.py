@@ -16,7 +16,7 @@ import pytest
 from downloader.backends.kafka import KafkaBackend, PollingProducer, producer_config
 from downloader.config import Config, load_config
 from downloader.errors import ConfigError
-from harness.redis_nodes import StrRedis
+from harness.redis_nodes import StrRedis, data_keys
 from harness.servers import free_port
 from tests.conftest import Service
 
@@ -34,12 +34,6 @@ def kafka_body(topic: str) -> dict[str, Any]:
         "callback_type": "kafka",
         "callback_dst": topic,
     }
-
-
-async def data_keys(redis_client: StrRedis) -> list[str]:
-    """Every key but the instances' heartbeats (each API instance announces itself)."""
-    keys = await redis_client.keys("*")
-    return sorted(k for k in keys if "{meta}" not in k)
 
 
 def kafka_settings(allowed: list[str] | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 
 from downloader.config import load_config
 from downloader.errors import ConfigError
-from harness.redis_nodes import StrRedis
+from harness.redis_nodes import StrRedis, data_keys
 from harness.servers import CallbackReceiver, FileServer, job_request
 from tests.conftest import Service
 
@@ -31,12 +31,6 @@ def body(**fields: Any) -> dict[str, Any]:
         "callback_dst": "http://receiver.test/cb",
         **fields,
     }
-
-
-async def data_keys(redis_client: StrRedis) -> list[str]:
-    """Every key but the instances' heartbeats (each API instance announces itself)."""
-    keys = await redis_client.keys("*")
-    return sorted(k for k in keys if "{meta}" not in k)
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ from botocore.exceptions import ClientError, EndpointConnectionError, NoCredenti
 from downloader.errors import PermanentError, TransientError
 from downloader.ids import shard_of
 from downloader.s3store import classify_s3_error
-from harness.moto_server import REGION, MotoServer
-from harness.redis_nodes import StrRedis
+from harness.moto_server import REGION, MotoServer, get_object, make_bucket, object_keys
+from harness.redis_nodes import StrRedis, data_keys
 from harness.servers import CallbackReceiver, FileServer, TcpRelay, job_request, until
 from tests.conftest import Service
 from tests.images import png
@@ -27,60 +26,16 @@ ServiceFactory = Callable[..., Any]
 PREFIX = "dl/"
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    """One moto server for the module; each test makes its own bucket in it."""
-    server = MotoServer().start()
-    yield server
-    server.stop()
-
-
-async def make_bucket(server: MotoServer, name: str | None = None) -> str:
-    name = name or f"t-{secrets.token_hex(6)}"
-    await asyncio.to_thread(
-        server.client().create_bucket,
-        Bucket=name,
-        CreateBucketConfiguration={"LocationConstraint": REGION},
-    )
-    return name
-
-
-@pytest.fixture
-async def bucket(moto: MotoServer) -> str:
-    return await make_bucket(moto)
-
-
 @pytest.fixture
 async def svc(service_factory: ServiceFactory, moto: MotoServer) -> Service:
     """The whole service with S3 enabled against the module's moto server."""
     return await service_factory({"s3": moto.settings(key_prefix=PREFIX)})  # type: ignore[no-any-return]
 
 
-async def get_object(server: MotoServer, bucket: str, key: str) -> tuple[bytes, str]:
-    """(body, Content-Type) of an object."""
-
-    def read() -> tuple[bytes, str]:
-        obj = server.client().get_object(Bucket=bucket, Key=key)
-        return obj["Body"].read(), obj["ContentType"]
-
-    return await asyncio.to_thread(read)
-
-
-async def object_keys(server: MotoServer, bucket: str) -> list[str]:
-    res = await asyncio.to_thread(server.client().list_objects_v2, Bucket=bucket)
-    return [o["Key"] for o in res.get("Contents", [])]
-
-
 async def callbacks_queued(r: StrRedis, service: Service) -> int:
     """Entries on every shard's callbacks stream."""
     keys = service.storage.keys
     return sum([await r.xlen(keys.callbacks(s)) for s in range(keys.shards)])
-
-
-async def events_of(service: Service, job_id: str) -> list[dict[str, Any]]:
-    status, body = await service.get(f"/jobs/{job_id}/events")
-    assert status == 200, body
-    return list(body["events"])
 
 
 def s3_job(url: str, bucket: str, **fields: Any) -> dict[str, Any]:
@@ -141,7 +96,7 @@ async def test_job_with_bucket_and_callback_is_uploaded_and_called_back(
         "s3_key": key,
     }
     assert job["download_url"] == f"s3://{bucket}/{key}"
-    events = await events_of(svc, job_id)
+    events = await svc.events(job_id)
     assert [e["type"] for e in events] == [
         "job.accepted",
         "download.started",
@@ -188,7 +143,7 @@ async def test_job_with_bucket_and_no_callback_is_uploaded_without_any_callback(
         "",
     )
     assert await callbacks_queued(redis_client, svc) == 0
-    assert [e["type"] for e in await events_of(svc, job_id)] == [
+    assert [e["type"] for e in await svc.events(job_id)] == [
         "job.accepted",
         "download.started",
         "download.succeeded",
@@ -245,7 +200,7 @@ async def test_bucket_that_does_not_exist_fails_the_job_without_retrying(
         1,
         "none",
     )
-    assert "download.retry_scheduled" not in [e["type"] for e in await events_of(svc, job_id)]
+    assert "download.retry_scheduled" not in [e["type"] for e in await svc.events(job_id)]
     assert_nothing_local(svc, job_id)
 
 
@@ -274,33 +229,33 @@ async def test_unknown_access_key_fails_the_job_without_retrying(
 
 
 async def test_s3_down_is_retried_until_it_is_back(
-    service_factory: ServiceFactory, moto: MotoServer, bucket: str, files: FileServer
+    service_factory: ServiceFactory,
+    moto: MotoServer,
+    moto_relay: TcpRelay,
+    bucket: str,
+    files: FileServer,
 ) -> None:
     """With the S3 endpoint down (connections refused) the upload is retried like a download,
     counting toward max_retries with the error `S3 upload failed: ...`; once the endpoint is
     back the job succeeds. The endpoint is a relay in front of moto, so that the bucket
     outlives the outage (moto keeps its state in memory only)."""
-    relay = await TcpRelay(moto.port).start()
-    try:
-        settings = moto.settings(endpoint_url=f"http://127.0.0.1:{relay.port}")
-        svc = await service_factory({"s3": settings, "processor": {"retry_backoff_seconds": 0.05}})
-        await relay.stop()
-        data = b"retry me\n" * 10
-        job_id = await svc.submit(**s3_job(files.add("/r.txt", data), bucket, max_retries=50))
-        job = await svc.wait_job(job_id, lambda j: j["download_attempts"] >= 3)
-        assert job["error"].startswith("S3 upload failed: Could not connect"), job
-        assert job["response_code"] == 200
+    settings = moto.settings(endpoint_url=f"http://127.0.0.1:{moto_relay.port}")
+    svc = await service_factory({"s3": settings, "processor": {"retry_backoff_seconds": 0.05}})
+    await moto_relay.stop()
+    data = b"retry me\n" * 10
+    job_id = await svc.submit(**s3_job(files.add("/r.txt", data), bucket, max_retries=50))
+    job = await svc.wait_job(job_id, lambda j: j["download_attempts"] >= 3)
+    assert job["error"].startswith("S3 upload failed: Could not connect"), job
+    assert job["response_code"] == 200
 
-        await relay.start()
-        job = await svc.wait_job(job_id, lambda j: j["download_state"] == "Success")
-        assert await get_object(moto, bucket, job_id) == (data, "text/plain")
-        events = await events_of(svc, job_id)
-        retries = [e for e in events if e["type"] == "download.retry_scheduled"]
-        assert len(retries) >= 2
-        assert all(e["data"]["error"].startswith("S3 upload failed") for e in retries)
-        assert job["download_attempts"] == len(retries) + 1
-    finally:
-        await relay.stop()
+    await moto_relay.start()
+    job = await svc.wait_job(job_id, lambda j: j["download_state"] == "Success")
+    assert await get_object(moto, bucket, job_id) == (data, "text/plain")
+    events = await svc.events(job_id)
+    retries = [e for e in events if e["type"] == "download.retry_scheduled"]
+    assert len(retries) >= 2
+    assert all(e["data"]["error"].startswith("S3 upload failed") for e in retries)
+    assert job["download_attempts"] == len(retries) + 1
 
 
 async def test_upload_after_a_crash_goes_again_to_the_same_key(
@@ -324,7 +279,7 @@ async def test_upload_after_a_crash_goes_again_to_the_same_key(
     assert job["s3_key"] == key
     assert await object_keys(moto, bucket) == [key]
     assert await get_object(moto, bucket, key) == (data, "text/plain")
-    types = [e["type"] for e in await events_of(api, job_id)]
+    types = [e["type"] for e in await api.events(job_id)]
     assert types == [
         "job.accepted",
         "download.started",
@@ -524,12 +479,6 @@ BAD = [
 ]
 
 
-async def data_keys(redis_client: StrRedis) -> list[str]:
-    """Every key but the instances' heartbeats (each API instance announces itself)."""
-    keys = await redis_client.keys("*")
-    return sorted(k for k in keys if "{meta}" not in k)
-
-
 @pytest.mark.parametrize(("body", "field"), BAD)
 async def test_invalid_s3_fields_are_400_naming_the_field_and_store_nothing(
     s3_api: Service, redis_client: StrRedis, body: dict[str, Any], field: str
@@ -587,6 +536,7 @@ async def test_aborting_a_job_without_callback_queues_no_callback(
 async def test_aborting_a_job_mid_upload_stops_the_upload_and_keeps_nothing(
     service_factory: ServiceFactory,
     moto: MotoServer,
+    moto_relay: TcpRelay,
     bucket: str,
     files: FileServer,
     receiver: CallbackReceiver,
@@ -594,38 +544,34 @@ async def test_aborting_a_job_mid_upload_stops_the_upload_and_keeps_nothing(
     """DELETE /jobs/{id} while a multipart upload is stalled: the job fails as aborted at once
     (callback "Aborted: ..."), its temp file is gone, and once S3 answers again the transfer
     stops at its next part and aborts the multipart upload: no object, no parts left."""
-    relay = await TcpRelay(moto.port).start()
-    try:
-        settings = moto.settings(
-            endpoint_url=f"http://127.0.0.1:{relay.port}", read_timeout_seconds=30
-        )
-        svc = await service_factory({"s3": settings})
-        relay.hold()
-        body = os.urandom(20 * 1024 * 1024)  # multipart: 8 MiB parts
-        job_id = await svc.submit(
-            **s3_job(files.add("/abort.bin", body), bucket, callback_url=receiver.url("/cb"))
-        )
-        await until(lambda: relay.received > 0)  # the upload has begun: S3 hears nothing back
-        status, answer = await svc.http_delete(f"/jobs/{job_id}")
-        assert status == 200, answer
-        [cb] = await receiver.wait_for(job_id)
-        assert cb["success"] is False and cb["error"].startswith("Aborted"), cb
-        await until(lambda: not list((Path(svc.config.processor.storage_dir) / ".tmp").iterdir()))
+    settings = moto.settings(
+        endpoint_url=f"http://127.0.0.1:{moto_relay.port}", read_timeout_seconds=30
+    )
+    svc = await service_factory({"s3": settings})
+    moto_relay.hold()
+    body = os.urandom(20 * 1024 * 1024)  # multipart: 8 MiB parts
+    job_id = await svc.submit(
+        **s3_job(files.add("/abort.bin", body), bucket, callback_url=receiver.url("/cb"))
+    )
+    await until(lambda: moto_relay.received > 0)  # the upload has begun: S3 hears nothing back
+    status, answer = await svc.http_delete(f"/jobs/{job_id}")
+    assert status == 200, answer
+    [cb] = await receiver.wait_for(job_id)
+    assert cb["success"] is False and cb["error"].startswith("Aborted"), cb
+    await until(lambda: not list((Path(svc.config.processor.storage_dir) / ".tmp").iterdir()))
 
-        relay.release()
-        # the transfer stops at its next part and aborts the multipart upload it had begun
-        await until(
-            lambda: any(r.startswith("DELETE") and "uploadId=" in r for r in relay.requests)
-        )
-        for _ in range(100):  # that DELETE may still be on its way through the relay
-            left = await asyncio.to_thread(moto.client().list_multipart_uploads, Bucket=bucket)
-            if not left.get("Uploads"):
-                break
-            await asyncio.sleep(0.05)
-        assert not left.get("Uploads"), left
-        assert not any(r.startswith("POST") and "uploadId=" in r for r in relay.requests)
-        assert await object_keys(moto, bucket) == []
-        job = await svc.job(job_id)
-        assert (job["download_state"], job["file_state"]) == ("Failed", "none")
-    finally:
-        await relay.stop()
+    moto_relay.release()
+    # the transfer stops at its next part and aborts the multipart upload it had begun
+    await until(
+        lambda: any(r.startswith("DELETE") and "uploadId=" in r for r in moto_relay.requests)
+    )
+    for _ in range(100):  # that DELETE may still be on its way through the relay
+        left = await asyncio.to_thread(moto.client().list_multipart_uploads, Bucket=bucket)
+        if not left.get("Uploads"):
+            break
+        await asyncio.sleep(0.05)
+    assert not left.get("Uploads"), left
+    assert not any(r.startswith("POST") and "uploadId=" in r for r in moto_relay.requests)
+    assert await object_keys(moto, bucket) == []
+    job = await svc.job(job_id)
+    assert (job["download_state"], job["file_state"]) == ("Failed", "none")

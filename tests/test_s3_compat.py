@@ -5,32 +5,26 @@ as the user metadata of the object in its own bucket, checked at POST as header 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness.moto_server import REGION, MotoServer
+from harness.moto_server import REGION, MotoServer, get_object, object_keys
 from harness.redis_nodes import StrRedis
-from harness.servers import CallbackReceiver, FileServer, Reply, TcpRelay, job_request, until
+from harness.servers import (
+    CallbackReceiver,
+    FileServer,
+    HoldingReceiver,
+    Reply,
+    TcpRelay,
+    job_request,
+    until,
+)
 from tests.conftest import Service
-from tests.test_s3 import events_of, get_object, make_bucket, object_keys
 
 ServiceFactory = Callable[..., Any]
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    """One moto server for the module; each test makes its own bucket in it."""
-    server = MotoServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def bucket(moto: MotoServer) -> str:
-    return await make_bucket(moto)
 
 
 def bucket_store(bucket: str) -> dict[str, Any]:
@@ -42,6 +36,15 @@ def local_files(service: Service) -> list[Path]:
     return [p for p in Path(service.config.processor.storage_dir).rglob("*") if p.is_file()]
 
 
+@pytest.fixture
+async def holding() -> AsyncIterator[HoldingReceiver]:
+    """A callback receiver holding each job's first callback until `holding.release` is set: a
+    stored file's deletion (deletion_interval after the callback's answer) waits for it."""
+    server = await HoldingReceiver().start()
+    yield server
+    await server.close()
+
+
 # -- the file store in one bucket -------------------------------------------------------------
 
 
@@ -50,31 +53,30 @@ async def test_s3_filestorage_stores_every_job_in_the_bucket_and_reaps_it(
     moto: MotoServer,
     bucket: str,
     files: FileServer,
-    receiver: CallbackReceiver,
+    holding: HoldingReceiver,
 ) -> None:
     """With filestorage type s3, a job naming no bucket lands at `<id[0:3]>/<id>` in the
     configured bucket (download_url = processor.download_url + that path), nothing stays on
     local disk, and deletion_interval after the callback the object is deleted."""
     svc = await service_factory(
-        {
-            "processor": bucket_store(bucket),
-            "s3": moto.settings(enabled=False),
-            "notifier": {"deletion_interval": 0.05},  # 3 s: time to look at the object first
-        }
+        {"processor": bucket_store(bucket), "s3": moto.settings(enabled=False)}
     )
     data = b"one bucket for every job\n"
-    job_id = await svc.submit(**job_request(files.add("/a.txt", data), receiver.url("/cb")))
+    job_id = await svc.submit(**job_request(files.add("/a.txt", data), holding.url("/cb")))
     key = f"{job_id[:3]}/{job_id}"
-    [payload] = await receiver.wait_for(job_id)
+    await holding.wait(lambda: job_id in holding.first, timeout_s=30)
+    # the callback is held unanswered: the object's deletion has not begun
+    payload = holding.first[job_id]
     assert payload["success"] is True, payload
     assert payload["download_url"] == f"http://files.test/dl/{key}"
     assert await get_object(moto, bucket, key) == (data, "text/plain")
     assert local_files(svc) == []
 
+    holding.release.set()
     job = await svc.wait_job(job_id, lambda j: j["file_state"] == "deleted")
     assert await object_keys(moto, bucket) == []
     assert job["download_url"] == f"http://files.test/dl/{key}"
-    assert "file.deleted" in [e["type"] for e in await events_of(svc, job_id)]
+    assert "file.deleted" in [e["type"] for e in await svc.events(job_id)]
 
 
 async def test_s3_enabled_still_governs_only_a_jobs_own_bucket(
@@ -96,44 +98,35 @@ async def test_s3_enabled_still_governs_only_a_jobs_own_bucket(
 async def test_a_stalled_bucket_holds_up_neither_retries_nor_its_own_deletions(
     service_factory: ServiceFactory,
     moto: MotoServer,
+    moto_relay: TcpRelay,
     bucket: str,
     files: FileServer,
-    receiver: CallbackReceiver,
+    holding: HoldingReceiver,
 ) -> None:
     """While the bucket stalls a deletion, download retries still come round (the reaper has
     a loop of its own); once the bucket answers, the object is deleted after all."""
-    relay = await TcpRelay(moto.port).start()
-    try:
-        settings = moto.settings(
-            enabled=False, endpoint_url=f"http://127.0.0.1:{relay.port}", read_timeout_seconds=60
-        )
-        svc = await service_factory(
-            {
-                "processor": bucket_store(bucket),
-                "s3": settings,
-                "notifier": {"deletion_interval": 0.02},  # 1.2 s after the callback's answer
-            }
-        )
-        receiver.delay_s = 1.0  # so the bucket stalls before the deletion comes (2.2 s margin)
-        job_id = await svc.submit(**job_request(files.add("/a.txt", b"a\n"), receiver.url("/cb")))
-        await svc.wait_job(job_id, lambda j: j["download_state"] == "Success")
-        relay.hold()
-        await until(lambda: any(r.startswith("DELETE ") for r in relay.requests), timeout=20)
+    settings = moto.settings(
+        enabled=False, endpoint_url=f"http://127.0.0.1:{moto_relay.port}", read_timeout_seconds=60
+    )
+    svc = await service_factory({"processor": bucket_store(bucket), "s3": settings})
+    job_id = await svc.submit(**job_request(files.add("/a.txt", b"a\n"), holding.url("/cb")))
+    # stored, and its deletion waits for the held callback's answer: stall the bucket first
+    await holding.wait(lambda: job_id in holding.held, timeout_s=30)
+    moto_relay.hold()
+    holding.release.set()
+    await until(lambda: any(r.startswith("DELETE ") for r in moto_relay.requests), timeout=20)
 
-        failing = files.add("/broken", Reply(b"down", 503))
-        other = await svc.submit(**job_request(failing, receiver.url("/cb"), max_retries=2))
-        done = await svc.wait_job(other, lambda j: j["download_state"] == "Failed")
-        assert done["download_attempts"] == 3
-        key = f"{job_id[:3]}/{job_id}"
-        assert await object_keys(moto, bucket) == [key]
-        assert (await svc.job(job_id))["file_state"] == "stored"
+    failing = files.add("/broken", Reply(b"down", 503))
+    other = await svc.submit(**job_request(failing, holding.url("/cb"), max_retries=2))
+    done = await svc.wait_job(other, lambda j: j["download_state"] == "Failed")
+    assert done["download_attempts"] == 3
+    key = f"{job_id[:3]}/{job_id}"
+    assert await object_keys(moto, bucket) == [key]
+    assert (await svc.job(job_id))["file_state"] == "stored"
 
-        relay.release()
-        await svc.wait_job(job_id, lambda j: j["file_state"] == "deleted")
-        assert await object_keys(moto, bucket) == []
-    finally:
-        relay.release()
-        await relay.stop()
+    moto_relay.release()
+    await svc.wait_job(job_id, lambda j: j["file_state"] == "deleted")
+    assert await object_keys(moto, bucket) == []
 
 
 # -- extra as user metadata -------------------------------------------------------------------

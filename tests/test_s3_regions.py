@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import secrets
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +17,14 @@ from botocore.client import BaseClient
 from downloader.config import S3Config
 from downloader.errors import ConfigError
 from downloader.s3store import S3Store
-from harness.moto_server import REGION, MotoServer
-from harness.redis_nodes import StrRedis
+from harness.moto_server import MotoServer
+from harness.redis_nodes import StrRedis, data_keys
 from tests.conftest import Service
 
 ServiceFactory = Callable[..., Any]
 MakeConfig = Callable[..., tuple[Path, Any]]
 NO_SERVER = {"enabled": True, "endpoint_url": "http://127.0.0.1:9"}
 """An `s3` section for API-only tests: the API never talks to S3."""
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    server = MotoServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def bucket(moto: MotoServer) -> str:
-    name = f"t-{secrets.token_hex(6)}"
-    await asyncio.to_thread(
-        moto.client().create_bucket,
-        Bucket=name,
-        CreateBucketConfiguration={"LocationConstraint": REGION},
-    )
-    return name
 
 
 def s3_body(region: str) -> dict[str, Any]:
@@ -54,12 +35,6 @@ def s3_body(region: str) -> dict[str, Any]:
         "s3_bucket": "good-bucket",
         "s3_region": region,
     }
-
-
-async def data_keys(redis_client: StrRedis) -> list[str]:
-    """Every key but the instances' heartbeats (each API instance announces itself)."""
-    keys = await redis_client.keys("*")
-    return sorted(k for k in keys if "{meta}" not in k)
 
 
 def live_clients() -> int:
