@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harness.redis_nodes import StrRedis
+from harness.redis_nodes import StrRedis, data_keys
 from harness.servers import CallbackReceiver, FileServer, ForwardProxy, Reply, free_port
 from tests.conftest import Service
 
@@ -201,12 +201,6 @@ INVALID_BODIES = [
         as_json(valid_body(aggr_proxy="http://127.1:3128")), "aggr_proxy", id="proxy-127.1"
     ),
 ]
-
-
-async def data_keys(redis_client: StrRedis) -> list[str]:
-    """Every key but the instances' heartbeats (each API instance announces itself)."""
-    keys = await redis_client.keys("*")
-    return sorted(k for k in keys if "{meta}" not in k)
 
 
 @pytest.mark.parametrize(("data", "field"), INVALID_BODIES)

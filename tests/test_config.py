@@ -148,7 +148,7 @@ def test_check_command_validates_a_file_without_starting_anything(tmp_path: Path
 
 # -- the original's config forms ----------------------------------------------------------------
 
-ORIGINAL_SAMPLE = Path("/work/shared/compat/original-config.sample.json")
+ORIGINAL_SAMPLE = ROOT / "tests" / "data" / "original-config.sample.json"  # the original's own
 
 
 def test_original_sample_loads_with_one_warning_per_meaningless_key() -> None:
