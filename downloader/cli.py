@@ -63,7 +63,7 @@ def make_backends(config: Config) -> dict[str, Backend]:
     if config.backends.kafka is not None:
         from downloader.backends.kafka import KafkaBackend
 
-        backends["kafka"] = KafkaBackend(config.backends.kafka)
+        backends["kafka"] = KafkaBackend(config.backends.kafka, config.events.kafka_topic or None)
     return backends
 
 

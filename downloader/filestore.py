@@ -133,12 +133,13 @@ class S3FileStore(_LocalTemp):
 Store = FileStore | S3FileStore
 
 
-def open_store(config: Config, max_uploads: int) -> Store:
-    """The store `processor.filestorage` names; an S3 bucket uses the `s3` section's endpoint,
-    credentials and timeouts (whether or not `s3.enabled` lets jobs name their own bucket)."""
+def open_store(config: Config, uploads: S3Store | None) -> Store:
+    """The store `processor.filestorage` names; an S3 bucket goes through `uploads` (the `s3`
+    section's endpoint, credentials, timeouts and clients, shared with the jobs that name their
+    own bucket when `s3.enabled`), which it needs then."""
     cfg = config.processor
     if isinstance(cfg.filestorage, S3Storage):
-        uploads = S3Store(config.s3, max_uploads)
+        assert uploads is not None, "an S3 file store needs the S3 uploads"
         return S3FileStore(cfg.filestorage, uploads, cfg.storage_dir, cfg.download_url)
     assert cfg.files_root is not None
     return FileStore(cfg.files_root, cfg.download_url)

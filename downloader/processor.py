@@ -26,8 +26,13 @@ import aiohttp
 
 from downloader import metrics
 from downloader.backoff import download_retry_delay_s, should_retry_download
-from downloader.config import Config
-from downloader.errors import JobNotFound, PermanentError, StorageUnavailable, TransientError
+from downloader.config import Config, S3Storage
+from downloader.errors import (
+    DownloaderError,
+    PermanentError,
+    StorageUnavailable,
+    TransientError,
+)
 from downloader.fetch import Egress, FetchRequest, FetchResult, fetch
 from downloader.filestore import open_store
 from downloader.heartbeat import publish_stats
@@ -98,8 +103,12 @@ class Processor:
         self.cfg = config.processor
         self.storage = storage
         self.owner = instance
-        self.store = open_store(config, self.cfg.max_workers)
-        self.s3 = S3Store(config.s3, self.cfg.max_workers) if config.s3.enabled else None
+        # one S3Store (clients, upload threads) for the file store and the jobs' own buckets
+        uploads = None
+        if config.s3.enabled or isinstance(self.cfg.filestorage, S3Storage):
+            uploads = S3Store(config.s3, self.cfg.max_workers)
+        self.store = open_store(config, uploads)
+        self.s3 = uploads if config.s3.enabled else None  # jobs may name a bucket
         self.egress = Egress.from_config(config)
         self.stats = ProcessorStats()
         self.upkeep = Upkeep(
@@ -211,6 +220,7 @@ class Processor:
         """Block on the wake streams of `shards` (one of storage.shard_groups()): an
         aggregation announced there may have work, a job named there was aborted."""
         positions = await self.storage.wake_positions(shards)
+        await self._rescan()  # what was announced before we stood at the tail (a restart)
         while not self._stopping:
             positions, wakes = await self.storage.read_wakes(positions, 5000)
             for job_id in wakes.aborted:
@@ -548,7 +558,7 @@ class Processor:
         """We stored a file but lost the lease. If the job ended without success (aborted,
         failed elsewhere) nothing will ever reap that file: remove it. If it is still running
         or succeeded elsewhere, the file at that path is (or will be) that download's."""
-        with contextlib.suppress(StorageUnavailable, JobNotFound):
+        with contextlib.suppress(DownloaderError):  # Redis down, job gone, the store failing
             job = await self.storage.get_job(job_id)
             if job.download_state is DownloadState.FAILED:
                 await asyncio.to_thread(self.store.delete, job_id)

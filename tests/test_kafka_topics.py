@@ -234,12 +234,15 @@ async def test_producers_start_with_allowed_topics_configured() -> None:
 
 
 @pytest.mark.parametrize(
-    "topic", ["__consumer_offsets", "_schemas", "payments"], ids=["internal", "underscore", "out"]
+    "topic",
+    ["__consumer_offsets", "_schemas", "payments", "orders.events"],
+    ids=["internal", "underscore", "out", "export"],
 )
 async def test_backend_refuses_a_topic_outside_the_policy_at_delivery(topic: str) -> None:
-    """A callback accepted before the policy changed, to a topic it now refuses, fails for good
-    at delivery without being produced."""
-    backend = KafkaBackend({**NO_BROKER, "allowed_topics": ["orders.*"]})
+    """A callback accepted before the policy changed, to a topic it now refuses (the event
+    export's topic too, once events.kafka_topic names it), fails for good at delivery without
+    being produced."""
+    backend = KafkaBackend({**NO_BROKER, "allowed_topics": ["orders.*"]}, "orders.events")
     await backend.start()
     try:
         result = await backend.deliver("job1", "1-0", topic, {"job_id": "job1"})

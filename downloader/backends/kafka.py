@@ -129,9 +129,12 @@ class PollingProducer:
 class KafkaBackend:
     name = "kafka"
 
-    def __init__(self, properties: dict[str, Any]) -> None:
+    def __init__(self, properties: dict[str, Any], export_topic: str | None = None) -> None:
+        """`properties`: backends.kafka (`allowed_topics` is ours, not librdkafka's);
+        `export_topic`: events.kafka_topic, never a callback's destination."""
         self.producer = PollingProducer(properties)
         self.allowed_topics = tuple(properties.get("allowed_topics", ()))
+        self.export_topic = export_topic
 
     async def start(self) -> None:
         await asyncio.to_thread(self.producer.start)
@@ -140,7 +143,7 @@ class KafkaBackend:
         self, job_id: str, event_id: str, destination: str, payload: Payload, tenant: str = ""
     ) -> Delivery:
         # checked at POST too; this catches callbacks accepted before the policy changed
-        if why := kafka_topic_refusal(destination, self.allowed_topics):
+        if why := kafka_topic_refusal(destination, self.allowed_topics, self.export_topic):
             return Delivery(False, f"topic {destination!r} {why}", permanent=True)
         value = json.dumps(payload, separators=(",", ":")).encode()
         error = await self.producer.produce(
