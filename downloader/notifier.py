@@ -158,12 +158,13 @@ class Notifier:
 
     async def _consume_step(self, shards: list[int]) -> None:
         """Read new callback entries of `shards` (one of storage.shard_groups()) as room frees."""
-        await self.storage.ensure_callback_groups()
+        await self.storage.ensure_callback_groups(shards)
         await self.liveness.started.wait()  # a consumer without a liveness key looks gone
+        groups = len(self.storage.shard_groups())  # each reads at once: share the room
         while not self._stopping:
             await self._slots.acquire()  # wait for room before taking entries off the stream
             self._slots.release()
-            room = max(1, self.cfg.concurrency - len(self._inflight))
+            room = max(1, (self.cfg.concurrency - len(self._held)) // groups)
             for shard, entry_id, job_id in await self.storage.read_callbacks(
                 shards, self.consumer, room, 2000
             ):

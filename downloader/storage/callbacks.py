@@ -38,15 +38,16 @@ class Takeover:
 class CallbackStore(StorageBase):
     # -- the callbacks streams ------------------------------------------------------------------
 
-    async def ensure_callback_groups(self) -> None:
-        for s in self.all_shards:
-            try:
-                await self.r.xgroup_create(
-                    self.keys.callbacks(s), CALLBACK_GROUP, id="0", mkstream=True
-                )
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+    async def ensure_callback_groups(self, shards: Sequence[int] | None = None) -> None:
+        """The notifiers' consumer group on these shards' callbacks streams (all: None), made
+        where missing, in one pipeline."""
+        streams = [self.keys.callbacks(s) for s in (self.all_shards if shards is None else shards)]
+        made = await self._per_shard(
+            "xgroup_create", streams, CALLBACK_GROUP, id="0", mkstream=True, errors=True
+        )
+        for reply in made:
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                raise reply
 
     async def read_callbacks(
         self, shards: Sequence[int], consumer: str, count: int, block_ms: int, after: str = ">"
