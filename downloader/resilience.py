@@ -28,11 +28,7 @@ async def forever(
                 log.info("redis reachable again", loop=name)
                 down = False
             delay = 0.05
-        except StorageUnavailable as exc:
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancellation that lands mid-reconnect into a connection
-                # error: the loop was told to stop, and must, or its owner waits forever
-                raise asyncio.CancelledError from exc
+        except StorageUnavailable as exc:  # a cancelled task never gets one (storage.base)
             if not down:
                 log.warning("redis unreachable, backing off", loop=name, error=str(exc))
                 down = True

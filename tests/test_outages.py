@@ -155,23 +155,38 @@ async def test_storage_raises_only_storage_unavailable_when_redis_is_down(
 
 async def test_a_loop_stops_when_cancelled_even_if_redis_py_turns_it_into_an_outage() -> None:
     """redis-py can turn a cancellation that lands mid-reconnect into a connection error; a
-    background loop told to stop must stop all the same (a notifier once hung in its shutdown
-    waiting for its heartbeat loop after a Redis restart)."""
+    task told to stop must stop all the same (a notifier once hung in its shutdown waiting for
+    its heartbeat loop after a Redis restart): storage gives it its cancellation back, not
+    StorageUnavailable, so no caller that retries outages swallows it."""
+    import redis.exceptions
+
     from downloader.errors import StorageUnavailable
     from downloader.resilience import forever
+    from downloader.storage.base import guarded
 
     entered = asyncio.Event()
 
-    async def step() -> None:
-        entered.set()
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            raise StorageUnavailable("Error reconnecting: cancelled") from None
+    @guarded
+    class Reconnecting:  # a storage method whose redis-py call is cancelled mid-reconnect
+        async def read(self) -> None:
+            entered.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise redis.exceptions.ConnectionError("Error reconnecting: cancelled") from None
 
-    task = asyncio.create_task(forever("heartbeat", step, lambda: False))
-    await entered.wait()
-    task.cancel()
-    done, _pending = await asyncio.wait({task}, timeout=5)
-    assert task in done, "the loop went on after it was cancelled"
-    assert task.cancelled()
+    async def retrying() -> None:  # like Processor._finish: an outage is waited out
+        while True:
+            try:
+                await Reconnecting().read()
+            except StorageUnavailable:
+                await asyncio.sleep(0.01)
+
+    for loop in (forever("heartbeat", Reconnecting().read, lambda: False), retrying()):
+        entered.clear()
+        task = asyncio.create_task(loop)
+        await entered.wait()
+        task.cancel()
+        done, _pending = await asyncio.wait({task}, timeout=5)
+        assert task in done, "the task went on after it was cancelled"
+        assert task.cancelled()

@@ -72,13 +72,18 @@ LAYOUT_MODEL = "sharded-1"
 
 def _outage_is_unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Redis connection errors and timeouts leave storage as StorageUnavailable, and nothing
-    else does: callers tell an outage from a bug (or a disk error) by type."""
+    else does: callers tell an outage from a bug (or a disk error) by type. A cancelled task
+    gets its cancellation back: redis-py can turn one that lands mid-reconnect into a
+    connection error, which every caller that retries outages would swallow."""
 
     @functools.wraps(method)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
         except OUTAGES as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from exc
             raise StorageUnavailable(str(exc) or type(exc).__name__) from exc
 
     return call
