@@ -400,6 +400,27 @@ async def test_new_aggregations_spread_even_when_every_queue_is_empty(make_confi
         await storage.close()
 
 
+async def test_an_aggregation_whose_directory_entry_was_lost_stays_in_its_shard(
+    make_config: Any, redis_client: StrRedis
+) -> None:
+    """The directory entry of an aggregation with jobs waiting is lost (a failed-over master
+    that had not replicated it, or a lapse): another api, looking it up, finds the shard that
+    still holds it rather than placing it anew (one aggregation in two shards would run at up
+    to twice its cap)."""
+    storage = await new_storage(make_config)
+    other = await new_storage(make_config)  # another api: nothing cached
+    try:
+        shard = shard_of(await submit(storage, "lost"))
+        for i in range(40):  # other shards get fewer aggregations than the held one's
+            await submit(storage, f"filler{i}")
+        await redis_client.delete(storage.keys.directory("lost"))
+        assert await other.shard_for("lost") == shard
+        assert await redis_client.get(storage.keys.directory("lost")) == str(shard)
+    finally:
+        await storage.close()
+        await other.close()
+
+
 async def test_trim_says_when_it_drops_events_the_export_has_not_sent(
     make_config: Any, redis_client: StrRedis
 ) -> None:

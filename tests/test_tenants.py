@@ -277,10 +277,16 @@ async def test_live_aggregations_per_tenant_are_capped(
     )
     for i in range(3):
         await submit(svc, SHOP, aggr=f"shop-{i}")
-    before = await redis_client.keys("dl:*:job:*")
-    status, answer = await call(svc, "POST", "/download", SHOP, json=body("shop-3"))
+    before = sorted(await redis_client.keys("dl:*"))
+    assert svc.http is not None
+    async with svc.http.post(  # nothing stored: no job, no placement, no Idempotency-Key tie
+        svc.base_url + "/download",
+        json=body("shop-3"),
+        headers={**auth(SHOP), "Idempotency-Key": "refused-1"},
+    ) as r:
+        status, answer = r.status, await r.json()
     assert (status, answer["field"]) == (429, "aggr_id"), answer
-    assert sorted(await redis_client.keys("dl:*:job:*")) == sorted(before)
+    assert sorted(await redis_client.keys("dl:*")) == before
     await submit(svc, SHOP, aggr="shop-0")  # an existing one
     for i in range(3):
         await submit(svc, ACME, aggr=f"acme-{i}")

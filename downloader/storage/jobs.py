@@ -55,14 +55,15 @@ class JobStore(StorageBase):
             self._placed.move_to_end(aggr_id)
             return hit[0]
         key = self.keys.directory(aggr_id)
-        found = await self.r.get(key)
+        found = await self.r.getex(key, px=DIRECTORY_TTL_MS)  # renewed for 30 days more
         if found is None:
-            choice = await self._least_loaded_shard()
-            if await self.r.set(key, choice, nx=True, px=DIRECTORY_TTL_MS):
+            choice = await self._least_loaded_shard(aggr_id)
+            async with self.r.pipeline(transaction=False) as p:
+                p.set(key, choice, nx=True, px=DIRECTORY_TTL_MS)
+                p.get(key)  # ours, or another API's that placed it first
+                placed, found = await p.execute()
+            if placed:
                 await self.r.hincrby(self.keys.placements, str(choice), 1)
-            found = await self.r.get(key)  # ours, or another API's that placed it first
-        else:
-            await self.r.pexpire(key, DIRECTORY_TTL_MS)
         shard = int(found)
         self._placed[aggr_id] = (shard, time.monotonic())
         self._placed.move_to_end(aggr_id)
@@ -70,11 +71,19 @@ class JobStore(StorageBase):
             self._placed.popitem(last=False)
         return shard
 
-    async def _least_loaded_shard(self) -> int:
-        counts = await self._per_shard(
-            "zcard", [self.keys.aggregations(s) for s in self.all_shards]
-        )
-        placed = await self.r.hgetall(self.keys.placements)
+    async def _least_loaded_shard(self, aggr_id: str) -> int:
+        """Where a new aggregation goes; or the shard that still holds it (its directory entry
+        was lost with a failed-over master, or lapsed while its jobs waited): never two."""
+        async with self.r.pipeline(transaction=False) as p:
+            for s in self.all_shards:
+                p.zcard(self.keys.aggregations(s))
+            for s in self.all_shards:
+                p.exists(self.keys.aggr(s, aggr_id))
+            p.hgetall(self.keys.placements)
+            *replies, placed = await p.execute()
+        counts, held = replies[: self.shards], replies[self.shards :]
+        if holders := [s for s, n in zip(self.all_shards, held, strict=True) if n]:
+            return holders[0]
         load = {
             s: (int(n), int(placed.get(str(s), 0)))
             for s, n in zip(self.all_shards, counts, strict=True)
@@ -121,8 +130,9 @@ class JobStore(StorageBase):
         made, so a burst of new ones can pass it by a few). Raises ProxyConflict,
         IdempotencyConflict or TooManyAggregations."""
         shard, aggr_id = shard_of(job_id), str(fields["aggr_id"])
-        if idempotency_key:
-            await self._tie_idempotency_key(idempotency_key, job_id, window_ms)
+        tied = idempotency_key and await self._tie_idempotency_key(
+            idempotency_key, job_id, window_ms
+        )
         keys = [
             self.keys.job(job_id),
             self.keys.aggr(shard, aggr_id),
@@ -147,6 +157,15 @@ class JobStore(StorageBase):
         )
         if res[0] == "new_aggregation":
             if await self.count_aggregations(scope) >= max_aggregations:
+                # refused: leave no trace (a caller at its cap sending new aggr ids or keys
+                # would otherwise fill Redis with placements and ties for 30 days / 24 h)
+                self._placed.pop(aggr_id, None)
+                async with self.r.pipeline(transaction=False) as p:
+                    p.delete(self.keys.directory(aggr_id))
+                    p.hincrby(self.keys.placements, str(shard), -1)
+                    await p.execute()
+                if tied:
+                    await self.r.delete(self.keys.idempotency_owner(idempotency_key))
                 raise TooManyAggregations(max_aggregations)
             res = await self._run_acked("enqueue", shard, *args, 0, keys=keys)
         status, detail = str(res[0]), str(res[1]) if len(res) > 1 else ""
@@ -157,17 +176,19 @@ class JobStore(StorageBase):
         # 'exists': redis-py resent the script after a lost reply, and the first run took it
         return (detail or job_id), status == "replayed"
 
-    async def _tie_idempotency_key(self, key: str, job_id: str, window_ms: int) -> None:
+    async def _tie_idempotency_key(self, key: str, job_id: str, window_ms: int) -> bool:
         """An Idempotency-Key is looked up in the shard of its request's aggregation; tied here
         to the job it was first used for, a key reused for an aggregation of another shard (so
-        another request) is refused too. Raises IdempotencyConflict."""
+        another request) is refused too. Whether this call tied it. Raises
+        IdempotencyConflict."""
         owner_key = self.keys.idempotency_owner(key)
         async with self.r.pipeline(transaction=False) as p:
             p.set(owner_key, job_id, nx=True, px=max(1, window_ms))
             p.get(owner_key)
-            _set, owner = await p.execute()
+            tied, owner = await p.execute()
         if owner and shard_of(owner) != shard_of(job_id):
             raise IdempotencyConflict(owner)
+        return bool(tied)
 
     # -- reading a job ----------------------------------------------------------------------------
 
