@@ -334,7 +334,11 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def get_events(request: web.Request) -> web.Response:
-    events = await request.app[STORAGE].get_events(await _visible_job_id(request))
+    job_id = _job_id(request)
+    events = await request.app[STORAGE].get_events(job_id)
+    # who submitted it is in its first event, job.accepted: no second read of the job
+    if not tenant_of(request).sees(str(events[0].data().get("tenant", ""))):
+        raise JobNotFound(job_id)
     return json_response({"events": [e.as_json() for e in events]})
 
 
