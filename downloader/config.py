@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -68,6 +69,22 @@ def is_region_name(name: str) -> bool:
     """A region name like eu-west-1: lowercase letters, digits and single hyphens, starting
     with a letter, at most REGION_MAX characters (it becomes part of the endpoint's hostname)."""
     return len(name) <= REGION_MAX and bool(_REGION.match(name))
+
+
+def _bucket_name(v: str) -> str:
+    if not is_bucket_name(v):
+        raise ValueError(f"{v!r} is not a valid S3 bucket name")
+    return v
+
+
+def _region_name(v: str) -> str:
+    if not is_region_name(v):
+        raise ValueError(f"{v!r} is not a region name like eu-west-1")
+    return v
+
+
+BucketName = Annotated[str, AfterValidator(_bucket_name)]
+RegionName = Annotated[str, AfterValidator(_region_name)]
 
 
 def kafka_topic_refusal(
@@ -170,6 +187,11 @@ class RedisConfig(_Section):
             raise ValueError("cluster and sentinel exclude each other")
         if self.cluster and self.db:
             raise ValueError("cluster: true needs db 0 (a Redis Cluster has no other database)")
+        if self.addr and "," in self.addr and not (self.cluster or self.sentinel is True):
+            raise ValueError(
+                "addr names several servers: set cluster: true (seed nodes) or sentinel: true "
+                "(sentinels); one Redis server is one host:port"
+            )
         return self
 
     @property
@@ -352,22 +374,8 @@ class S3Storage(_Section):
     temporary files in `<processor.storage_dir>/.tmp`; credentials and endpoint from `s3`."""
 
     type: Literal["s3"]
-    region: str
-    bucket: str
-
-    @field_validator("bucket")
-    @classmethod
-    def _bucket(cls, v: str) -> str:
-        if not is_bucket_name(v):
-            raise ValueError(f"{v!r} is not a valid S3 bucket name")
-        return v
-
-    @field_validator("region")
-    @classmethod
-    def _region(cls, v: str) -> str:
-        if not is_region_name(v):
-            raise ValueError(f"{v!r} is not a region name like eu-west-1")
-        return v
+    region: RegionName
+    bucket: BucketName
 
 
 FileStorage = Annotated[FilesystemStorage | S3Storage, Field(discriminator="type")]
@@ -459,9 +467,6 @@ class NotifierConfig(_Section):
         ge=20,
         validate_default=True,
         description="a notifier silent this long is gone: its callbacks move on",
-    )
-    claim_idle_ms: int | None = Field(
-        None, ge=100, description="deprecated, ignored: dead_after_ms decides when callbacks move"
     )
     metrics_port: int = Field(0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -578,9 +583,9 @@ class S3Config(_Section):
     """Both or neither; neither: boto3's default chain (env, shared files, instance role)."""
     key_prefix: str = Field("", max_length=512)
     """Object key = key_prefix + job id."""
-    allowed_buckets: list[str] = []
+    allowed_buckets: list[BucketName] = []
     """When non-empty, jobs may only name these buckets."""
-    allowed_regions: list[str] = []
+    allowed_regions: list[RegionName] = []
     """When non-empty, jobs may only name these regions (`s3_region`)."""
     max_clients: int = Field(16, ge=1, le=1024)
     """S3 clients kept, one per region (about 0.4 MiB each); beyond it the least recently used
@@ -605,22 +610,6 @@ class S3Config(_Section):
     def _prefix(cls, v: str) -> str:
         if v.startswith("/") or re.search(r"[\x00-\x1f\x7f]", v):
             raise ValueError("must not start with / nor hold control characters")
-        return v
-
-    @field_validator("allowed_buckets")
-    @classmethod
-    def _buckets(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not is_bucket_name(name):
-                raise ValueError(f"{name!r} is not a valid S3 bucket name")
-        return v
-
-    @field_validator("allowed_regions")
-    @classmethod
-    def _regions(cls, v: list[str]) -> list[str]:
-        for name in v:
-            if not is_region_name(name):
-                raise ValueError(f"{name!r} is not a region name like eu-west-1")
         return v
 
     @model_validator(mode="after")
@@ -697,10 +686,14 @@ class Config(_Section):
 
 # Keys of the original's config that mean nothing here: dropped before validation, each with a
 # warning saying what to use instead. Anything else unknown stays an error.
-_ORIGINAL_ONLY = {
+_ORIGINAL_ONLY = {  # and keys of our own that are gone
     ("notifier", "download_url"): (
         "notifier.download_url is ignored: the base of download_url in callbacks is "
         "processor.download_url (the original moved it there too)"
+    ),
+    ("notifier", "claim_idle_ms"): (
+        "notifier.claim_idle_ms is deprecated and ignored: a gone notifier's callbacks move "
+        "on after notifier.dead_after_ms"
     ),
 }
 _FILESTORAGE_KEYS_OF = {"filesystem": {"rootdir"}, "s3": {"region", "bucket"}}

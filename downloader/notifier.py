@@ -83,11 +83,6 @@ class Notifier:
         self.liveness = Liveness(
             storage, "notifier", instance, self.cfg.heartbeat_ms, self.cfg.dead_after_ms
         )
-        if self.cfg.claim_idle_ms is not None:
-            log.warning(
-                "notifier.claim_idle_ms is deprecated and ignored: a gone notifier's callbacks "
-                "move on after notifier.dead_after_ms"
-            )
 
     def stats(self) -> dict[str, int]:
         return {

@@ -54,9 +54,13 @@ def test_invalid_values_name_the_key(tmp_path: Path, data: object, key: str) -> 
 
 
 def test_a_config_with_the_deprecated_claim_idle_ms_still_loads(tmp_path: Path) -> None:
-    """notifier.claim_idle_ms (replaced by dead_after_ms) is accepted, so old files still load."""
-    config = load_config(write(tmp_path, {"notifier": {"claim_idle_ms": 120000}}), environ={})
-    assert config.notifier.claim_idle_ms == 120000
+    """notifier.claim_idle_ms (replaced by dead_after_ms) is accepted with a warning, which
+    `downloader check` prints too, so old files still load."""
+    warnings: list[str] = []
+    path = write(tmp_path, {"notifier": {"claim_idle_ms": 120000}})
+    config = load_config(path, environ={}, warnings=warnings)
+    assert config.notifier.dead_after_ms == 5000
+    assert any("claim_idle_ms is deprecated" in w for w in warnings), warnings
     assert config.notifier.dead_after_ms == 5000
 
 
@@ -284,6 +288,7 @@ def test_sentinel_list_without_master_name_is_ignored_with_a_warning(tmp_path: P
         ({"cluster": True}, r"redis: cluster: true needs addr"),
         ({"cluster": True, "addr": "a:1", "db": 2}, r"cluster: true needs db 0"),
         ({"cluster": True, "addr": "a:1", "sentinel": True}, r"exclude each other"),
+        ({"addr": "a:6379,b:6380"}, r"addr names several servers"),
         ({"shards": 0}, r"redis\.shards"),
         ({"shards": 63}, r"redis\.shards"),
         ({"key_prefix": "dl{x}"}, r"redis\.key_prefix"),

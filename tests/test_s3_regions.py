@@ -83,7 +83,7 @@ async def test_allowed_region_is_accepted(
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        ({"allowed_regions": ["eu-west-1", "EU-WEST-2"]}, "s3.allowed_regions: 'EU-WEST-2' is"),
+        ({"allowed_regions": ["eu-west-1", "EU-WEST-2"]}, "s3.allowed_regions.1: 'EU-WEST-2' is"),
         ({"allowed_regions": "eu-west-1"}, "s3.allowed_regions: Input should be a valid list"),
         ({"max_clients": 0}, "s3.max_clients: Input should be greater than or equal to 1"),
     ],
