@@ -33,6 +33,7 @@ __all__ = [
     "S3Config",
     "S3Storage",
     "is_bucket_name",
+    "is_kafka_topic",
     "is_region_name",
     "kafka_topic_refusal",
     "load_config",
@@ -69,6 +70,11 @@ def is_region_name(name: str) -> bool:
     """A region name like eu-west-1: lowercase letters, digits and single hyphens, starting
     with a letter, at most REGION_MAX characters (it becomes part of the endpoint's hostname)."""
     return len(name) <= REGION_MAX and bool(_REGION.match(name))
+
+
+def is_kafka_topic(name: str) -> bool:
+    """A Kafka topic name: 1-249 of letters, digits, `.`, `_`, `-`."""
+    return bool(_KAFKA_TOPIC.match(name))
 
 
 def _bucket_name(v: str) -> str:
@@ -646,7 +652,7 @@ class EventsConfig(_Section):
     @field_validator("kafka_topic")
     @classmethod
     def _export_topic(cls, v: str | None) -> str | None:
-        if v is not None and not _KAFKA_TOPIC.match(v):
+        if v is not None and not is_kafka_topic(v):
             raise ValueError("must be a Kafka topic name ([A-Za-z0-9._-], 1-249 characters)")
         if v is not None and v.startswith("__"):
             raise ValueError(f"{v!r} is one of Kafka's internal topics (starting with __)")

@@ -17,11 +17,12 @@ from downloader.config import (
     Config,
     S3Config,
     is_bucket_name,
+    is_kafka_topic,
     is_region_name,
     kafka_topic_refusal,
 )
 from downloader.errors import ValidationFailed
-from downloader.headerpolicy import HEADER_NAME, forbidden_header
+from downloader.headerpolicy import header_problem
 from downloader.mime import MimePattern
 from downloader.s3store import user_metadata
 
@@ -34,7 +35,6 @@ __all__ = [
     "parse_download_request",
 ]
 
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 INT32_MAX = 2**31 - 1
 """The largest aggr_limit or max_retries taken: what the original's clients can send it."""
@@ -184,13 +184,9 @@ class DownloadRequest(BaseModel):
     def _headers(cls, v: dict[str, str | int]) -> dict[str, str | int]:
         if len(v) > 100:
             raise ValueError("must have at most 100 headers")
-        for name, value in v.items():
-            if not HEADER_NAME.match(name):
-                raise ValueError(f"must have valid header names, not {name!r}")
-            if isinstance(value, str) and _CONTROL.search(value.replace("\t", "")):
-                raise ValueError(f"must not have control characters in the value of {name!r}")
-            if reason := forbidden_header(name):
-                raise ValidationFailed("request_headers", f"request_headers: {reason}")
+        for name, value in v.items():  # the rules processor.request_headers follows too
+            if problem := header_problem(name, str(value)):
+                raise ValidationFailed("request_headers", f"request_headers: {problem}")
         return v
 
     @model_validator(mode="after")
@@ -221,7 +217,7 @@ class DownloadRequest(BaseModel):
                 )
             if self.callback_type == "http":
                 _wrap("callback_dst", self.callback_dst)
-            elif not _TOPIC.match(self.callback_dst):
+            elif not is_kafka_topic(self.callback_dst):
                 raise ValidationFailed(
                     "callback_dst",
                     "callback_dst must be a Kafka topic name ([A-Za-z0-9._-], 1-249)",

@@ -40,12 +40,12 @@ from botocore.exceptions import (
 
 from downloader.config import S3Config
 from downloader.errors import PermanentError, TransientError
+from downloader.headerpolicy import HEADER_NAME
 
 __all__ = ["METADATA_MAX_BYTES", "S3Store", "classify_s3_error", "user_metadata"]
 
 METADATA_MAX_BYTES = 2048
 """S3's limit on user metadata: the UTF-8 bytes of every key and value, summed."""
-_HEADER_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*\Z")
 
 # S3 error codes that mean "this bucket or these credentials will not take the object": retrying
@@ -109,7 +109,7 @@ def user_metadata(extra: str) -> dict[str, str]:
         elif isinstance(value, float) and math.isfinite(value):
             out[key] = str(int(value))
     for key, value in out.items():
-        if not _HEADER_TOKEN.match(key):
+        if not HEADER_NAME.match(key):
             raise ValueError(f"key {key!r} is not a valid HTTP header name")
         if not _PRINTABLE_ASCII.match(value):
             raise ValueError(f"the value of {key!r} is not printable ASCII")
