@@ -103,8 +103,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def tenant_of(request: web.Request) -> Tenant:
-    """Who is asking (set by the auth middleware: the anonymous admin when no token is set)."""
-    return request[TENANT] if TENANT in request else ANONYMOUS  # noqa: SIM401 (get is untyped)
+    """Who is asking (set by the auth middleware: the anonymous admin when no token is set).
+    Fails closed: a handler reached without the middleware's say gets no rights when tokens
+    are required."""
+    if TENANT in request:
+        return request[TENANT]
+    if request.app[TENANTS].required:
+        raise Forbidden("no token was checked for this request")
+    return ANONYMOUS
 
 
 @web.middleware
@@ -267,8 +273,9 @@ async def aggregations(request: web.Request) -> web.Response:
     storage = request.app[STORAGE]
     limit, offset = _page(request, request.app[CONFIG].api.aggregations_page_limit)
     scope = tenant_of(request).scope
-    rows = await storage.pending_aggregations(limit, offset, scope)
     total = await storage.count_pending_aggregations(scope)
+    # past the end, nothing to read (each shard would be asked for offset + limit entries)
+    rows = await storage.pending_aggregations(limit, offset, scope) if offset < total else []
     resp = json_response([{"name": f"jobs:{name}", "size": size} for name, size, _s in rows])
     resp.headers["X-Total-Count"] = str(total)
     if offset + len(rows) < total:

@@ -561,11 +561,17 @@ class SecurityConfig(_Section):
     allowed_networks: list[str] = []
     secret_headers: list[str] = []
     """Request header names that carry secrets, besides Authorization, Proxy-Authorization,
-    Cookie and Set-Cookie (always secret): never shown, and dropped on a cross-origin redirect."""
+    Cookie and Set-Cookie (always secret): never shown, and dropped on a cross-origin redirect.
+    Kept lowercased (header names are case-insensitive)."""
     secret_query_params: list[str] = list(DEFAULT_SECRET_QUERY_PARAMS)
     """URL query parameters whose values are secrets (case-insensitive): never shown."""
     allow_https_downgrade: bool = False
     """Follow a redirect from https to plain http (false: the download fails)."""
+
+    @field_validator("secret_headers")
+    @classmethod
+    def _lowercase(cls, v: list[str]) -> list[str]:
+        return [name.lower() for name in v]
 
     @field_validator("allowed_networks")
     @classmethod

@@ -34,9 +34,9 @@ ALWAYS_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cook
 
 def is_secret_header(name: str, configured: Iterable[str] = ()) -> bool:
     """Whether request header `name` carries a secret (case-insensitive): the four that always
-    do, and those configured in `security.secret_headers`."""
+    do, and those configured in `security.secret_headers` (lowercased by the config)."""
     lowered = name.lower()
-    return lowered in ALWAYS_SECRET_HEADERS or lowered in {c.lower() for c in configured}
+    return lowered in ALWAYS_SECRET_HEADERS or lowered in configured
 
 
 def url_without_password(url: str) -> str:

@@ -151,11 +151,8 @@ class WorkStore(StorageBase):
 
     async def wake_positions(self, shards: Sequence[int]) -> dict[int, str]:
         """Where each shard's wake stream ends now (read from there on)."""
-        out = {}
-        for s in shards:
-            last = await self.r.xrevrange(self.keys.wake(s), count=1)
-            out[s] = str(last[0][0]) if last else "0-0"
-        return out
+        tails = await self._per_shard("xrevrange", [self.keys.wake(s) for s in shards], count=1)
+        return {s: str(t[0][0]) if t else "0-0" for s, t in zip(shards, tails, strict=True)}
 
     async def read_wakes(
         self, positions: dict[int, str], block_ms: int
