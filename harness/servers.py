@@ -75,8 +75,10 @@ class _Server:
             app, access_log=None, handle_signals=False, shutdown_timeout=0.2
         )
         await self.runner.setup()
-        self.port = free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        # port 0: the kernel's choice, bound at once (a free_port() then a bind can lose the
+        # port to another suite's server in between)
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = self.runner.addresses[0][1]
 
     async def close(self) -> None:
         if self.runner is not None:
