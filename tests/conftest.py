@@ -38,6 +38,7 @@ from harness.servers import (
     CallbackReceiver,
     FileServer,
     ForwardProxy,
+    HoldingReceiver,
     TcpRelay,
     free_port,
     wait_http,
@@ -447,3 +448,12 @@ async def moto_relay(moto: MotoServer) -> AsyncIterator[TcpRelay]:
     yield relay
     relay.release()
     await relay.stop()
+
+
+@pytest.fixture
+async def holding() -> AsyncIterator[HoldingReceiver]:
+    """A callback receiver that holds each job's first callback until `holding.release` is set
+    (a notifier mid-delivery, for as long as a test needs), closed at teardown."""
+    server = await HoldingReceiver().start()
+    yield server
+    await server.close()

@@ -228,33 +228,27 @@ async def relay(redis_server: EmbeddedRedis) -> AsyncIterator[TcpRelay]:
 
 
 async def test_a_callback_cut_short_by_a_redis_outage_is_delivered_again_by_its_notifier(
-    relay: TcpRelay, service_factory: Any, files: FileServer
+    relay: TcpRelay, service_factory: Any, files: FileServer, holding: HoldingReceiver
 ) -> None:
     """A notifier that lost Redis while recording a delivery delivers that callback again
     itself once Redis is back (its own entry: nobody takes it over from a live notifier)."""
-    receiver = await HoldingReceiver().start()
-    try:
-        front = await service_factory(roles={"api", "processor"})
-        back = await service_factory(
-            {"redis": {"addr": f"127.0.0.1:{relay.port}"}}, roles={"notifier"}
-        )
-        job_id = await front.submit(**job_request(files.add("/o", b"x"), receiver.url("/cb")))
-        await receiver.wait(lambda: len(receiver.held) == 1, timeout_s=10)
-        await relay.stop()
-        receiver.release.set()  # answered 200: recording it fails, Redis is unreachable
-        await until(lambda: back.notifier._orphaned, timeout=10)
-        await relay.start()
-        await receiver.wait(lambda: len(receiver.delivered) == 1, timeout_s=20)
-        job = await front.wait_job(job_id, lambda j: j["callback_state"] == "Success")
-        assert job["callback_attempts"] == 2
-        events = await callback_events(front.storage, job_id)
-        assert [t for t, _d in events] == [
-            "callback.attempted",
-            "callback.attempted",
-            "callback.delivered",
-        ]
-    finally:
-        await receiver.close()
+    front = await service_factory(roles={"api", "processor"})
+    back = await service_factory({"redis": {"addr": f"127.0.0.1:{relay.port}"}}, roles={"notifier"})
+    job_id = await front.submit(**job_request(files.add("/o", b"x"), holding.url("/cb")))
+    await holding.wait(lambda: len(holding.held) == 1, timeout_s=10)
+    await relay.stop()
+    holding.release.set()  # answered 200: recording it fails, Redis is unreachable
+    await until(lambda: back.notifier._orphaned, timeout=10)
+    await relay.start()
+    await holding.wait(lambda: len(holding.delivered) == 1, timeout_s=20)
+    job = await front.wait_job(job_id, lambda j: j["callback_state"] == "Success")
+    assert job["callback_attempts"] == 2
+    events = await callback_events(front.storage, job_id)
+    assert [t for t, _d in events] == [
+        "callback.attempted",
+        "callback.attempted",
+        "callback.delivered",
+    ]
 
 
 # -- real notifier processes ---------------------------------------------------------------------
@@ -283,38 +277,35 @@ async def test_sigkilled_notifier_callbacks_move_on_once_its_heartbeat_lapses(
     redis_client: StrRedis,
     files: FileServer,
     open_storage: OpenStorage,
+    holding: HoldingReceiver,
 ) -> None:
     """A notifier SIGKILLed mid-delivery: a running notifier delivers every one of its
     callbacks once its liveness lapses, long before claim_idle_ms (120 s, now ignored), and the
     dead consumer leaves the group."""
-    receiver = await HoldingReceiver().start()
-    try:
-        path, config = make_config({"notifier": {"claim_idle_ms": 120_000}})
-        storage = open_storage(config)
-        keys = storage.keys
-        spawn("processor", path)
-        first = spawn("notifier", path)
-        api = await start_api(spawn, path)
-        ids = await submit_jobs(api, files, receiver.url("/cb"), 8)
-        await receiver.wait(lambda: len(receiver.held) == 8, timeout_s=30)
-        second = spawn("notifier", path)
-        survivor = await instance_of(redis_client, keys, second)
-        first.kill()
+    path, config = make_config({"notifier": {"claim_idle_ms": 120_000}})
+    storage = open_storage(config)
+    keys = storage.keys
+    spawn("processor", path)
+    first = spawn("notifier", path)
+    api = await start_api(spawn, path)
+    ids = await submit_jobs(api, files, holding.url("/cb"), 8)
+    await holding.wait(lambda: len(holding.held) == 8, timeout_s=30)
+    second = spawn("notifier", path)
+    survivor = await instance_of(redis_client, keys, second)
+    first.kill()
 
-        await receiver.wait(lambda: len(receiver.delivered) == 8, timeout_s=60)
-        assert set(receiver.delivered) == set(ids)
-        assert all(len(receiver.delivered[j]) == 1 for j in ids)
-        await until_async(lambda: all_settled(storage, ids), timeout_s=10)
-        for job_id in ids:
-            events = await callback_events(storage, job_id)
-            assert events == [
-                ("callback.attempted", {"attempt": 1}),
-                ("callback.attempted", {"attempt": 2}),
-                ("callback.delivered", {"attempt": 2}),
-            ]
-        assert await consumers(redis_client, keys) == {survivor: 0}
-    finally:
-        await receiver.close()
+    await holding.wait(lambda: len(holding.delivered) == 8, timeout_s=60)
+    assert set(holding.delivered) == set(ids)
+    assert all(len(holding.delivered[j]) == 1 for j in ids)
+    await until_async(lambda: all_settled(storage, ids), timeout_s=10)
+    for job_id in ids:
+        events = await callback_events(storage, job_id)
+        assert events == [
+            ("callback.attempted", {"attempt": 1}),
+            ("callback.attempted", {"attempt": 2}),
+            ("callback.delivered", {"attempt": 2}),
+        ]
+    assert await consumers(redis_client, keys) == {survivor: 0}
 
 
 @pytest.mark.timeout(120)
@@ -397,29 +388,26 @@ async def test_sigterm_hands_unsettled_callbacks_over_at_once(
     redis_client: StrRedis,
     files: FileServer,
     open_storage: OpenStorage,
+    holding: HoldingReceiver,
 ) -> None:
     """A notifier stopped by SIGTERM with callbacks still held past its grace exits 0 with its
     liveness key already deleted (no lapse to wait for); another notifier delivers them."""
-    receiver = await HoldingReceiver().start()
-    try:
-        path, config = make_config({"notifier": {"shutdown_grace_seconds": 0.5}})
-        storage = open_storage(config)
-        keys = storage.keys
-        spawn("processor", path)
-        first = spawn("notifier", path)
-        stopping = await instance_of(redis_client, keys, first)
-        api = await start_api(spawn, path)
-        ids = await submit_jobs(api, files, receiver.url("/cb"), 5)
-        await receiver.wait(lambda: len(receiver.held) == 5, timeout_s=30)
-        await instance_of(redis_client, keys, spawn("notifier", path))
+    path, config = make_config({"notifier": {"shutdown_grace_seconds": 0.5}})
+    storage = open_storage(config)
+    keys = storage.keys
+    spawn("processor", path)
+    first = spawn("notifier", path)
+    stopping = await instance_of(redis_client, keys, first)
+    api = await start_api(spawn, path)
+    ids = await submit_jobs(api, files, holding.url("/cb"), 5)
+    await holding.wait(lambda: len(holding.held) == 5, timeout_s=30)
+    await instance_of(redis_client, keys, spawn("notifier", path))
 
-        assert first.terminate() == 0, first.log()
-        assert await redis_client.exists(keys.alive("notifier", stopping)) == 0
-        await receiver.wait(lambda: len(receiver.delivered) == 5, timeout_s=60)
-        assert set(receiver.delivered) == set(ids)
-        await until_async(lambda: all_settled(storage, ids), timeout_s=10)
-    finally:
-        await receiver.close()
+    assert first.terminate() == 0, first.log()
+    assert await redis_client.exists(keys.alive("notifier", stopping)) == 0
+    await holding.wait(lambda: len(holding.delivered) == 5, timeout_s=60)
+    assert set(holding.delivered) == set(ids)
+    await until_async(lambda: all_settled(storage, ids), timeout_s=10)
 
 
 @pytest.mark.timeout(120)
@@ -429,38 +417,35 @@ async def test_a_stopping_notifier_keeps_its_callbacks_through_the_grace(
     redis_client: StrRedis,
     files: FileServer,
     open_storage: OpenStorage,
+    holding: HoldingReceiver,
 ) -> None:
     """A notifier given SIGTERM beats on through its grace: callbacks it finishes 7 s later
     (past the 5 s lapse) are recorded by it, once, and no other notifier takes one."""
-    receiver = await HoldingReceiver().start()
-    try:
-        path, config = make_config(
-            {"notifier": {"shutdown_grace_seconds": 30}, "backends": {"http": {"timeout": 30}}}
-        )
-        storage = open_storage(config)
-        keys = storage.keys
-        spawn("processor", path)
-        first = spawn("notifier", path)
-        api = await start_api(spawn, path)
-        ids = await submit_jobs(api, files, receiver.url("/cb"), 4)
-        await receiver.wait(lambda: len(receiver.held) == 4, timeout_s=30)
-        await instance_of(redis_client, keys, spawn("notifier", path))
-        assert first.popen is not None
-        first.popen.terminate()
-        await asyncio.sleep(7)  # a receiver this slow: the load's shape, not a wait for an event
-        receiver.release.set()
+    path, config = make_config(
+        {"notifier": {"shutdown_grace_seconds": 30}, "backends": {"http": {"timeout": 30}}}
+    )
+    storage = open_storage(config)
+    keys = storage.keys
+    spawn("processor", path)
+    first = spawn("notifier", path)
+    api = await start_api(spawn, path)
+    ids = await submit_jobs(api, files, holding.url("/cb"), 4)
+    await holding.wait(lambda: len(holding.held) == 4, timeout_s=30)
+    await instance_of(redis_client, keys, spawn("notifier", path))
+    assert first.popen is not None
+    first.popen.terminate()
+    await asyncio.sleep(7)  # a holding this slow: the load's shape, not a wait for an event
+    holding.release.set()
 
-        assert await asyncio.to_thread(first.popen.wait, 30) == 0, first.log()
-        await until_async(lambda: all_settled(storage, ids), timeout_s=10)
-        assert receiver.delivered == {}  # no second delivery of any
-        for job_id in ids:
-            events = await callback_events(storage, job_id)
-            assert events == [
-                ("callback.attempted", {"attempt": 1}),
-                ("callback.delivered", {"attempt": 1}),
-            ]
-    finally:
-        await receiver.close()
+    assert await asyncio.to_thread(first.popen.wait, 30) == 0, first.log()
+    await until_async(lambda: all_settled(storage, ids), timeout_s=10)
+    assert holding.delivered == {}  # no second delivery of any
+    for job_id in ids:
+        events = await callback_events(storage, job_id)
+        assert events == [
+            ("callback.attempted", {"attempt": 1}),
+            ("callback.delivered", {"attempt": 1}),
+        ]
 
 
 async def test_a_fresh_notifier_judges_others_only_after_a_lapse(make_config: MakeConfig) -> None:

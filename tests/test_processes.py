@@ -383,39 +383,36 @@ async def test_sigkilled_notifier_callbacks_are_reclaimed_and_delivered(
     redis_client: StrRedis,
     http: aiohttp.ClientSession,
     store: Storage,
+    holding: HoldingReceiver,
 ) -> None:
     """Callbacks a killed notifier was delivering are taken over by a notifier started after it
     once its liveness lapses, and delivered (attempt 2 records)."""
     origin: Origin = await origin_factory()
-    receiver = await HoldingReceiver().start()
-    try:
-        path, config = make_config()
-        keys = Keys(config.redis.key_prefix, config.redis.shards)
-        spawn("processor", path)
-        first = spawn("notifier", path)
-        api = await start_api(spawn, path)
-        tail = EventTail(redis_client, keys)
+    path, config = make_config()
+    keys = Keys(config.redis.key_prefix, config.redis.shards)
+    spawn("processor", path)
+    first = spawn("notifier", path)
+    api = await start_api(spawn, path)
+    tail = EventTail(redis_client, keys)
 
-        cb_url = receiver.url("/cb")
-        ids = [await submit(http, api, **job(origin, "nk", f"n{i}", cb_url)) for i in range(5)]
-        await receiver.wait(lambda: len(receiver.held) == 5)
-        first.kill()
-        spawn("notifier", path)
+    cb_url = holding.url("/cb")
+    ids = [await submit(http, api, **job(origin, "nk", f"n{i}", cb_url)) for i in range(5)]
+    await holding.wait(lambda: len(holding.held) == 5)
+    first.kill()
+    spawn("notifier", path)
 
-        await receiver.wait(lambda: all(receiver.delivered[j] for j in ids), timeout_s=40)
-        await tail.wait(lambda t: all("callback.delivered" in t.types(j) for j in ids))
-        for job_id in ids:
-            assert receiver.delivered[job_id][0]["success"] is True
-            attempts = [d["attempt"] for d, _ts in tail.of_type(job_id, "callback.attempted")]
-            assert attempts == [1, 2]
-            [(delivered, _ts)] = tail.of_type(job_id, "callback.delivered")
-            assert delivered == {"attempt": 2}
-            assert (await store.get_job(job_id)).callback_state == "Success"
-        for shard in range(keys.shards):
-            pending = await redis_client.xpending(keys.callbacks(shard), "notifiers")
-            assert (pending["pending"], pending["consumers"]) == (0, []), shard
-    finally:
-        await receiver.close()
+    await holding.wait(lambda: all(holding.delivered[j] for j in ids), timeout_s=40)
+    await tail.wait(lambda t: all("callback.delivered" in t.types(j) for j in ids))
+    for job_id in ids:
+        assert holding.delivered[job_id][0]["success"] is True
+        attempts = [d["attempt"] for d, _ts in tail.of_type(job_id, "callback.attempted")]
+        assert attempts == [1, 2]
+        [(delivered, _ts)] = tail.of_type(job_id, "callback.delivered")
+        assert delivered == {"attempt": 2}
+        assert (await store.get_job(job_id)).callback_state == "Success"
+    for shard in range(keys.shards):
+        pending = await redis_client.xpending(keys.callbacks(shard), "notifiers")
+        assert (pending["pending"], pending["consumers"]) == (0, []), shard
 
 
 # -- load ----------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ as the user metadata of the object in its own bucket, checked at POST as header 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,6 @@ def bucket_store(bucket: str) -> dict[str, Any]:
 def local_files(service: Service) -> list[Path]:
     """Every file under processor.storage_dir (temporary ones included)."""
     return [p for p in Path(service.config.processor.storage_dir).rglob("*") if p.is_file()]
-
-
-@pytest.fixture
-async def holding() -> AsyncIterator[HoldingReceiver]:
-    """A callback receiver holding each job's first callback until `holding.release` is set: a
-    stored file's deletion (deletion_interval after the callback's answer) waits for it."""
-    server = await HoldingReceiver().start()
-    yield server
-    await server.close()
 
 
 # -- the file store in one bucket -------------------------------------------------------------
