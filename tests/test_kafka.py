@@ -35,7 +35,7 @@ from harness.kafka_broker import (
     kafka_available,
 )
 from harness.redis_nodes import StrRedis
-from harness.servers import CallbackReceiver, FileServer, free_port, wait_http
+from harness.servers import CallbackReceiver, FileServer, free_port, job_request, wait_http
 from tests.conftest import Proc, Service
 from tests.images import png
 
@@ -243,14 +243,8 @@ async def start_api(spawn: Spawn, config_path: Path, http: aiohttp.ClientSession
 
 
 def kafka_job(url: str, topic: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "aggr_id": "kafka",
-        "aggr_limit": 8,
-        "url": url,
-        "callback_type": "kafka",
-        "callback_dst": topic,
-        **extra,
-    }
+    fields = {"aggr_id": "kafka", "aggr_limit": 8, "callback_type": "kafka", **extra}
+    return job_request(url, topic, **fields)
 
 
 def success_payload(job_id: str, url: str, extra: str = "") -> dict[str, Any]:

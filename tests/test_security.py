@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from harness.servers import CallbackReceiver, FileServer, Reply
+from harness.servers import CallbackReceiver, FileServer, Reply, job_request
 from tests.conftest import Service
 
 ServiceFactory = Callable[..., Any]
@@ -26,14 +26,7 @@ CLOSED = {"security": {"allow_private_networks": False}}
 
 
 def job_body(url: str, callback: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "aggr_id": "sec",
-        "aggr_limit": 4,
-        "url": url,
-        "callback_type": "http",
-        "callback_dst": callback,
-        **extra,
-    }
+    return job_request(url, callback, **{"aggr_id": "sec", **extra})
 
 
 @contextlib.asynccontextmanager
