@@ -30,8 +30,16 @@ __all__ = [
     "free_port",
     "job_request",
     "until",
+    "valid_body",
     "wait_http",
 ]
+
+
+def valid_body(**fields: Any) -> dict[str, Any]:
+    """A POST /download body the API accepts, nothing listening at its URLs (for api-only
+    tests), with `fields` on top."""
+    fields = {"aggr_id": "a1", "aggr_limit": 2, **fields}
+    return job_request("http://origin.test/a.png", "http://receiver.test/cb", **fields)
 
 
 def job_request(url: str, callback: str, **fields: Any) -> dict[str, Any]:

@@ -14,23 +14,18 @@ from typing import Any
 import pytest
 
 from harness.redis_nodes import StrRedis, data_keys
-from harness.servers import CallbackReceiver, FileServer, ForwardProxy, Reply, free_port
+from harness.servers import (
+    CallbackReceiver,
+    FileServer,
+    ForwardProxy,
+    Reply,
+    free_port,
+    valid_body,
+)
 from tests.conftest import Service
 
 ServiceFactory = Callable[..., Any]
 UNKNOWN_ID = "NoSuchJob00000"
-
-
-def valid_body(**extra: Any) -> dict[str, Any]:
-    """A body POST /download accepts (nothing listens at its URLs: api-only tests)."""
-    return {
-        "aggr_id": "a1",
-        "aggr_limit": 2,
-        "url": "http://origin.test/a.png",
-        "callback_type": "http",
-        "callback_dst": "http://receiver.test/cb",
-        **extra,
-    }
 
 
 def without(*keys: str, **extra: Any) -> dict[str, Any]:

@@ -15,22 +15,13 @@ import pytest
 from downloader.config import load_config
 from downloader.errors import ConfigError
 from harness.redis_nodes import StrRedis, data_keys
-from harness.servers import CallbackReceiver, FileServer, job_request
+from harness.servers import CallbackReceiver, FileServer, job_request, valid_body
 from tests.conftest import Service
 
 ServiceFactory = Callable[..., Any]
 
 
-def body(**fields: Any) -> dict[str, Any]:
-    """A valid POST /download body (nothing listens at its URLs), with `fields` on top."""
-    return {
-        "aggr_id": "a1",
-        "aggr_limit": 2,
-        "url": "http://origin.test/a.png",
-        "callback_type": "http",
-        "callback_dst": "http://receiver.test/cb",
-        **fields,
-    }
+body = valid_body
 
 
 @pytest.fixture
