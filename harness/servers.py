@@ -38,8 +38,8 @@ __all__ = [
 def valid_body(**fields: Any) -> dict[str, Any]:
     """A POST /download body the API accepts, nothing listening at its URLs (for api-only
     tests), with `fields` on top."""
-    fields = {"aggr_id": "a1", "aggr_limit": 2, **fields}
-    return job_request("http://origin.test/a.png", "http://receiver.test/cb", **fields)
+    base = job_request("http://origin.test/a.png", "http://receiver.test/cb", aggr_id="a1")
+    return {**base, "aggr_limit": 2, **fields}
 
 
 def job_request(url: str, callback: str, **fields: Any) -> dict[str, Any]:
