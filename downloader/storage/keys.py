@@ -4,7 +4,7 @@ of a shard run in one Redis Cluster slot; a few service-wide keys have tags of t
     <prefix>:{<tag>}:job:<id>            hash    a live job's projection (and sealed_* fields)
     <prefix>:{<tag>}:ev:<id>             list    a live job's events, one line each
     <prefix>:{<tag>}:done:<id>           string  a settled job, packed; expires after retention
-    <prefix>:{<tag>}:jobs                zset    job id -> creation ms, re-scored by the trim (rebuild)
+    <prefix>:{<tag>}:jobs                zset    job id -> creation ms or last trim (rebuild)
     <prefix>:{<tag>}:events              stream  the shard's events, in order (the export's feed)
     <prefix>:{<tag>}:aggr:<a>            hash    an aggregation: limit, proxy, jobs, scope
     <prefix>:{<tag>}:ready:<a>           list    its jobs waiting for a slot
