@@ -224,8 +224,9 @@ class JobStore(StorageBase):
         return out
 
     async def get_events(self, job_id: str) -> list[JobEvent]:
-        """The job's events, oldest first; raises JobNotFound."""
-        async with self.r.pipeline(transaction=False) as p:
+        """The job's events, oldest first; raises JobNotFound. Both keys in one MULTI (they
+        share the job's slot): a /retry reviving the job between two reads would hide it."""
+        async with self.r.pipeline(transaction=True) as p:
             p.lrange(self.keys.ev(job_id), 0, -1)
             p.get(self.keys.done(job_id))
             lines, packed = await p.execute()
