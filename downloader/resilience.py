@@ -28,7 +28,11 @@ async def forever(
                 log.info("redis reachable again", loop=name)
                 down = False
             delay = 0.05
-        except StorageUnavailable as exc:  # a cancelled task never gets one (storage.base)
+        except StorageUnavailable as exc:
+            if task is not None and task.cancelling():
+                # storage gives a cancelled task its cancellation back (storage.base); this
+                # covers an outage raised where no storage call saw the cancel (a child task)
+                raise asyncio.CancelledError from exc
             if not down:
                 log.warning("redis unreachable, backing off", loop=name, error=str(exc))
                 down = True
