@@ -22,6 +22,11 @@ async def forever(
     down = False
     task = asyncio.current_task()
     while not stopping():
+        if task is not None and task.cancelling():
+            # cancelled, and a step swallowed it (redis-py may absorb a cancel that lands while
+            # it reconnects, and go on): without this a loop whose stopping() stays False
+            # (the heartbeat) would never end, and its owner would wait for it forever
+            raise asyncio.CancelledError
         try:
             await step()
             if down:

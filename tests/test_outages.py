@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,3 +191,27 @@ async def test_a_loop_stops_when_cancelled_even_if_redis_py_turns_it_into_an_out
         done, _pending = await asyncio.wait({task}, timeout=5)
         assert task in done, "the task went on after it was cancelled"
         assert task.cancelled()
+
+
+async def test_a_loop_stops_when_a_step_swallows_its_cancellation() -> None:
+    """A step that absorbs a cancel and returns normally (as redis-py may, reconnecting) does
+    not keep a loop running whose stopping() stays False (the notifier's heartbeat): the loop
+    sees its task cancelled before the next step and ends."""
+    from downloader.resilience import forever
+
+    entered = asyncio.Event()
+    steps = 0
+
+    async def step() -> None:
+        nonlocal steps
+        steps += 1
+        entered.set()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, not re-raised
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(forever("heartbeat", step, lambda: False))
+    await entered.wait()
+    task.cancel()
+    done, _pending = await asyncio.wait({task}, timeout=5)
+    assert task in done, "the loop went on after it was cancelled"
+    assert task.cancelled() and steps == 1
